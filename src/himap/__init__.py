@@ -1,0 +1,7 @@
+"""himap: see and cut the visual information flow inside LLaVA-style multimodal LLMs."""
+
+from .engine import Pruner, apply
+from .policies import FastV, HiMAP, RandomPrune, Stage
+
+__all__ = ["apply", "Pruner", "HiMAP", "FastV", "RandomPrune", "Stage"]
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from himap.cli import main
+
+sys.exit(main())

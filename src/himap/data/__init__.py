@@ -1,0 +1,1 @@
+"""Question files, prompts, data converters and the demo model/data."""

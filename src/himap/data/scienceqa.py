@@ -1,0 +1,98 @@
+"""ScienceQA in the himap question format: reading question files, and the prompt LLaVA-1.5 is evaluated with.
+
+A question file is a JSON list of records ``{"id", "image": "<id>/image.png", "conversations": [{"from":
+"human", "value": "<image>\\n..."}, {"from": "gpt", "value": "B"}]}`` (optionally ``"top5_res"``: the vanilla
+model's first-step top-5 token ids). Images live at ``<image-folder>/<record image>``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass(frozen=True)
+class ConvTemplate:
+    """A LLaVA conversation template of separator style TWO (``vicuna_v1``)."""
+
+    system: str
+    roles: tuple[str, str] = ("USER", "ASSISTANT")
+    sep: str = " "
+
+    def prompt(self, user_message: str) -> str:
+        return f"{self.system}{self.sep}{self.roles[0]}: {user_message}{self.sep}{self.roles[1]}:"
+
+
+CONV_TEMPLATES = {
+    "vicuna_v1": ConvTemplate(
+        system="A chat between a curious user and an artificial intelligence assistant. "
+               "The assistant gives helpful, detailed, and polite answers to the user's questions."),
+}
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    text: str                      # the human turn without the image placeholder
+    answer: str                    # gold letter
+    image: str | None = None       # path relative to the image folder
+    top5: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_record(cls, record: object) -> "Question":
+        """Parse one record; a malformed record raises ``ValueError`` naming what is wrong."""
+        if not isinstance(record, dict):
+            raise ValueError(f"record is a {type(record).__name__}, not an object")
+        missing = [k for k in ("id", "conversations") if k not in record]
+        if missing:
+            raise ValueError(f"record {record.get('id', '?')!r} lacks {', '.join(missing)}")
+        turns = record["conversations"]
+        if (not isinstance(turns, list) or len(turns) < 2 or not all(isinstance(t, dict) and "value" in t
+                                                                        for t in turns[:2])):
+            raise ValueError(f"record {record['id']!r}: conversations must hold a human and a gpt turn")
+        text = str(turns[0]["value"]).replace(IMAGE_PLACEHOLDER, "").strip()
+        top5 = record.get("top5_res")
+        return cls(id=str(record["id"]), text=text, answer=str(turns[1]["value"]).strip(),
+                   image=record.get("image"), top5=tuple(top5) if top5 is not None else None)
+
+
+def read_question_file(path: str | Path) -> list:
+    """The raw records of a question file; a missing or malformed file raises one clear ``ValueError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"question file not found: {path}")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"question file {path} is not valid JSON: {err}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"question file {path} must hold a JSON list of records, got {type(records).__name__}")
+    return records
+
+
+def load_questions(path: str | Path) -> list[Question]:
+    """Every question of a file, failing on the first malformed record (use :func:`read_question_file` and
+    :meth:`Question.from_record` to skip bad records instead)."""
+    questions = []
+    for i, record in enumerate(read_question_file(path)):
+        try:
+            questions.append(Question.from_record(record))
+        except ValueError as err:
+            raise ValueError(f"{path}: record {i}: {err}") from None
+    return questions
+
+
+def build_prompt(question: Question, conv_mode: str = "vicuna_v1", single_pred_prompt: bool = True) -> str:
+    """The prompt the original LLaVA/HiMAP ScienceQA eval builds (``model_vqa_science``)."""
+    if conv_mode not in CONV_TEMPLATES:
+        raise ValueError(f"unknown conv mode {conv_mode!r}; choose one of {', '.join(CONV_TEMPLATES)}")
+    message = question.text
+    if question.image is not None:
+        message = f"{IMAGE_PLACEHOLDER}\n{message}"
+    if single_pred_prompt:
+        message = f"{message}\n{SINGLE_PRED_PROMPT}"
+    return CONV_TEMPLATES[conv_mode].prompt(message)

@@ -1,0 +1,165 @@
+"""The one mechanism through which himap sees and edits attention: pruning, saliency and knockout all use it.
+
+While any hook is attached, the language model's ``_attn_implementation`` is switched to a registered wrapper
+(``"himap_" + the original``, e.g. ``himap_sdpa``) that calls the original implementation unchanged, except
+in layers that have hooks. Per layer, an :class:`AttentionHook` can
+
+- ``qk``      read the query/key states after RoPE and the mask as given (pruning scores: rows recomputed
+              from these, nothing else materialised),
+- ``block``   return a bool (B, 1, Q, K) tensor of edges to cut, applied to the mask before softmax (knockout),
+- ``pattern`` see, and replace, the post-softmax probabilities (B, H, Q, K); the layer then runs an eager
+              attention so the probabilities are part of the autograd graph (saliency).
+Removing the last hook restores the original implementation name: the model is the stock model again.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+PREFIX = "himap_"
+
+
+class AttentionHook:
+    """Override any of the three hook points; the attention module carries its ``layer_idx``."""
+
+    needs_pattern = False
+
+    def qk(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> None:
+        pass
+
+    def block(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def pattern(self, module: nn.Module, probs: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+_HOOKS: "weakref.WeakKeyDictionary[nn.Module, list[AttentionHook]]" = weakref.WeakKeyDictionary()
+
+
+def _inner_name(module: nn.Module) -> str:
+    return module.config._attn_implementation.removeprefix(PREFIX)
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, H_kv, T, D) -> (B, H_kv * groups, T, D), as grouped-query attention shares keys."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def additive_mask(mask: torch.Tensor | None, q_len: int, k_len: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """The mask as an additive float (B|1, 1, Q, K) tensor; ``None`` means causal, queries being the last Q."""
+    if mask is None:
+        rows = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+        mask = (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return mask.to(dtype)
+
+
+def attention_probs(module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention (B, H, R, K) of ``rows`` of the queries (all rows if None), as eager attention computes
+    it: fp32 softmax, cast back to the query dtype."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    mask = additive_mask(mask, q_len, k_len, query.dtype, query.device)
+    if rows is not None:
+        query = query[:, :, rows]
+        mask = mask[:, :, rows] if mask.shape[2] > 1 else mask
+    key = repeat_kv(key, getattr(module, "num_key_value_groups", 1))
+    scores = torch.matmul(query, key.transpose(2, 3)) * module.scaling + mask
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+
+
+def _cut(mask: torch.Tensor | None, block: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+         inner: str) -> torch.Tensor:
+    if inner not in ("sdpa", "eager"):
+        raise ValueError(f"blocking attention edges needs sdpa or eager attention, not {inner!r}")
+    if mask is None:
+        mask = additive_mask(None, query.shape[2], key.shape[2], query.dtype, query.device)
+        if inner == "sdpa":
+            mask = mask == 0
+    if mask.dtype == torch.bool:
+        return mask & ~block
+    return mask.masked_fill(block, torch.finfo(mask.dtype).min)
+
+
+def _eager_with_pattern(module, query, key, value, mask, hooks, **kwargs):
+    probs = attention_probs(module, query, key, mask)
+    for hook in hooks:
+        replaced = hook.pattern(module, probs)
+        probs = probs if replaced is None else replaced
+    out = torch.matmul(probs, repeat_kv(value, getattr(module, "num_key_value_groups", 1)))
+    return out.transpose(1, 2).contiguous(), probs
+
+
+def _module_eager(module: nn.Module) -> Callable:
+    # The decoder's own eager function lives beside its attention class (modeling_llama, modeling_qwen2, ...).
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def hooked_attention(module, query, key, value, attention_mask, **kwargs):
+    """The registered attention function: runs the layer's hooks around the original implementation."""
+    inner = _inner_name(module)
+    hooks = _HOOKS.get(module, ())
+    for hook in hooks:
+        hook.qk(module, query, key, attention_mask)
+    for hook in hooks:
+        block = hook.block(module, query, key)
+        if block is not None:
+            attention_mask = _cut(attention_mask, block, query, key, inner)
+    if any(hook.needs_pattern for hook in hooks):
+        return _eager_with_pattern(module, query, key, value, attention_mask, hooks, **kwargs)
+    fn = _module_eager(module) if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
+    return fn(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register(inner: str) -> str:
+    name = PREFIX + inner
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        if inner not in ALL_MASK_ATTENTION_FUNCTIONS:
+            raise ValueError(f"himap cannot hook attention implementation {inner!r}; use 'sdpa' or 'eager'")
+        AttentionInterface.register(name, hooked_attention)
+        # Without a mask function of the same name no causal mask is built and attention runs non-causal.
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    return name
+
+
+class HookHandle:
+    """Removes the hooks it attached; restores the stock attention once no hook is left on the model."""
+
+    def __init__(self, config, modules_hooks: list[tuple[nn.Module, AttentionHook]], all_modules):
+        self._config, self._pairs, self._all = config, modules_hooks, all_modules
+
+    def remove(self) -> None:
+        for module, hook in self._pairs:
+            hooks = _HOOKS.get(module, [])
+            if hook in hooks:
+                hooks.remove(hook)
+            if not hooks:
+                _HOOKS.pop(module, None)
+        self._pairs = []
+        if not any(m in _HOOKS for m in self._all):
+            self._config._attn_implementation = _inner_name(self._all[0])
+
+
+def attach(layers: nn.ModuleList, hooks: dict[int, list[AttentionHook]]) -> HookHandle:
+    """Attach ``hooks`` (layer index -> hooks) to the attention modules of ``layers``."""
+    attns = [layer.self_attn for layer in layers]
+    config = attns[0].config
+    if not config._attn_implementation.startswith(PREFIX):
+        config._attn_implementation = _register(config._attn_implementation or "eager")
+    pairs = []
+    for idx, layer_hooks in hooks.items():
+        for hook in layer_hooks:
+            _HOOKS.setdefault(attns[idx], []).append(hook)
+            pairs.append((attns[idx], hook))
+    return HookHandle(config, pairs, attns)
