@@ -193,3 +193,21 @@ def test_unsupported_language_model(make_model):
     model = random_llava(tiny_config(layers=2, text_model_type="gemma"))
     with pytest.raises(ValueError, match="unsupported language model type 'gemma'"):
         himap.apply(model, himap.FastV(k=1, r=4))
+
+
+def test_several_images_are_pooled(make_model):
+    model = make_model()
+    one = make_inputs(model, seed=7)
+    img = one["input_ids"][:, 5:41]
+    ids = torch.cat([one["input_ids"][:, :5], img, one["input_ids"][:, 41:44], img, one["input_ids"][:, 44:]], 1)
+    pixels = torch.cat([one["pixel_values"], one["pixel_values"].flip(-1)])
+    spans = find_spans(ids, model.config.image_token_id)[0]
+    assert spans.n_img == 72
+    policy = himap.HiMAP(k1=2, r1=30, k2=4, r2=10)
+    with himap.apply(model, policy) as handle:
+        out = model(input_ids=ids, pixel_values=pixels).logits
+        kept = handle.kept
+    assert set(kept[0][0].tolist()) <= set(spans.img.tolist()) and kept[0].shape[1] == 30
+    assert out.shape[1] == ids.shape[1] - 72 + 10
+    ref = reference_logits(model, ids, pixels, dropped_by_layer(policy, kept, spans))
+    torch.testing.assert_close(out[:, -1], ref[:, -1], atol=1e-5, rtol=0)

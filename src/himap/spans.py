@@ -2,7 +2,8 @@
 
 Nothing is assumed about the layout: the image span is wherever ``image_token_id`` occurs, the system group is
 every real (non-padding) token before it and the text group every real token after it. Several images in one
-prompt are pooled: "image" is every placeholder, "system" precedes the first, "text" follows the last.
+prompt are pooled: "image" is every placeholder, "system" precedes the first, "text" follows the last, and
+text between two images belongs to no group (pruning keeps it; it does not vote).
 """
 
 from __future__ import annotations
