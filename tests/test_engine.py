@@ -71,7 +71,7 @@ def test_pruning_equals_masking_prefill_and_decode(make_model, attn, policy):
         for _ in range(3):  # KV-cached decode steps
             token = steps[-1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, token], 1)
-            steps.append(model(input_ids=token, cache=cache, use_cache=True).logits[:, -1])
+            steps.append(model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1])
             assert handle.kept == kept  # decode steps never re-select
     n = inputs["input_ids"].shape[1]
     assert [k.shape[1] for k in kept] == [s.keep for s in policy.stages]
