@@ -2,15 +2,22 @@
 
 Per layer, for ``n`` tokens, hidden size ``d`` and FFN size ``m``, FastV's count (Chen et al., "An Image is Worth
 1/2 Tokens After Layer 2", ECCV 2024, Sec. 4.3): ``4 n d^2 + 2 n^2 d + 2 n d m`` (attention projections,
-attention scores and values, feed-forward). Two ratios are reported, labelled:
+attention scores and values, feed-forward). This is the number the field reports, so it is the reported number
+here too. Two ratios are reported, labelled:
 
 - ``image_work_kept``: image-token x layer work kept, ``sum_l n_img(l) / (L * n_img)`` (the HiMAP README's 24%),
 - ``flops_kept``: whole-sequence FLOPs kept (the HiMAP abstract's "~65% fewer FLOPs" is ``1 - flops_kept``).
+
+FastV's count is really multiply-accumulates of a 2-matrix FFN; LLaMA's FFN is gated (gate, up, down: 3
+matrices) and ``torch.utils.flop_counter`` counts 2 FLOPs per multiply-accumulate. :func:`layer_matmul_flops`
+is that exact count (it also handles grouped-query attention); the tests check it against ``FlopCounterMode``
+and check that both counts give nearly the same pruned / vanilla ratio.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 
 def layer_flops(n: int, d: int, m: int) -> int:
@@ -18,14 +25,41 @@ def layer_flops(n: int, d: int, m: int) -> int:
     return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
 
 
+def layer_matmul_flops(n: int, *, hidden: int, ffn: int, heads: int, kv_heads: int | None = None,
+                       head_dim: int | None = None, ffn_matrices: int = 3) -> int:
+    """Exact matmul FLOPs (2 per multiply-accumulate) of one LLaMA-style decoder layer over ``n`` tokens.
+
+    Projections q/o: ``n d (H h)`` each, k/v: ``n d (H_kv h)`` each; scores ``Q K^T`` and ``P V``: ``n^2 H h``
+    each (the full square, as an unfused eager attention computes it, causal mask or not); FFN:
+    ``ffn_matrices * n d m`` (3 for a gated FFN). Norms, RoPE, softmax and activations are not matmuls.
+    """
+    head_dim = head_dim or hidden // heads
+    q_width, kv_width = heads * head_dim, (kv_heads or heads) * head_dim
+    projections = 2 * n * hidden * q_width + 2 * n * hidden * kv_width
+    attention = 2 * n * n * q_width
+    return 2 * (projections + attention + ffn_matrices * n * hidden * ffn)
+
+
 def image_tokens_per_layer(n_img: int, n_layers: int, policy=None) -> list[int]:
     """How many image tokens each decoder layer processes under ``policy`` (None: vanilla)."""
+    stages = policy.stages if policy is not None else ()
+    for stage in stages:
+        if stage.layer >= n_layers:
+            raise ValueError(f"{stage.name}={stage.layer} must be < the number of decoder layers ({n_layers})")
+    keep = {s.layer: s.keep for s in stages}
     counts, present = [], n_img
-    stages = {s.layer: s.keep for s in (policy.stages if policy is not None else ())}
     for layer in range(n_layers):
-        present = min(present, stages.get(layer, present))
+        present = min(present, keep.get(layer, present))
         counts.append(present)
     return counts
+
+
+def image_tokens_for(config) -> int:
+    """Image tokens per image a llava-hf ``LlavaConfig`` implies: one per patch, plus the CLS token when the
+    ``vision_feature_select_strategy`` is ``"full"``."""
+    vision = config.vision_config
+    n = (vision.image_size // vision.patch_size) ** 2
+    return n + (getattr(config, "vision_feature_select_strategy", "default") == "full")
 
 
 @dataclass(frozen=True)
@@ -51,3 +85,50 @@ def prefill_flops_for(text_config, *, n_img: int, n_text: int, policy=None) -> F
     """:func:`prefill_flops` with the shapes read from a transformers text config."""
     return prefill_flops(hidden=text_config.hidden_size, ffn=text_config.intermediate_size,
                          layers=text_config.num_hidden_layers, n_img=n_img, n_text=n_text, policy=policy)
+
+
+def prefill_matmul_flops_for(text_config, *, n_img: int, n_text: int, policy=None) -> int:
+    """Exact matmul FLOPs (:func:`layer_matmul_flops`, gated FFN) of the decoder layers in one prefill."""
+    c = text_config
+    shape = dict(hidden=c.hidden_size, ffn=c.intermediate_size, heads=c.num_attention_heads,
+                 kv_heads=getattr(c, "num_key_value_heads", None), head_dim=getattr(c, "head_dim", None))
+    return sum(layer_matmul_flops(n_text + k, **shape)
+               for k in image_tokens_per_layer(n_img, c.num_hidden_layers, policy))
+
+
+def read_model_config(spec: str | Path) -> tuple[object, int | None]:
+    """``(text_config, image tokens per image or None)`` of a preset name (``llava-1.5-7b``/``-13b``), a
+    ``config.json``, or a checkpoint folder holding one: llava-hf, original-format LLaVA (image tokens read from
+    the tower's name, e.g. ``...-patch14-336`` -> 576), or a plain language-model config (``None``)."""
+    import json
+    import re
+
+    from transformers import AutoConfig, LlavaConfig
+
+    from .configs import PRESETS, preset_config
+    from .convert import is_original_llava, original_text_config
+
+    if str(spec) in PRESETS:
+        config = preset_config(str(spec))
+        return config.text_config, image_tokens_for(config)
+    path = Path(spec)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"no such preset or config: {spec} (presets: {', '.join(PRESETS)})")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    if "text_config" in raw:
+        config = LlavaConfig.from_dict(raw)
+        return config.text_config, image_tokens_for(config)
+    if is_original_llava(raw):
+        tower = re.search(r"patch(\d+)-(\d+)", str(raw.get("mm_vision_tower", "")))
+        n_img = (int(tower[2]) // int(tower[1])) ** 2 if tower else None
+        return original_text_config(raw), n_img
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers") if k not in raw]
+    if missing or "model_type" not in raw:
+        raise ValueError(f"{path} is not a model config: lacks {', '.join(missing or ['model_type'])}")
+    return AutoConfig.for_model(**raw), None

@@ -1,0 +1,218 @@
+"""ScienceQA from its raw sources into the himap question format and image layout (``himap data scienceqa``).
+
+Two sources hold the same problems:
+
+- the official release: ``problems.json`` (pid -> problem), ``pid_splits.json`` (split -> pids, in the
+  official order) and ``images/<split>/<pid>/image.png``;
+- a parquet mirror (13 columns: image as ``{bytes, path}``, question, choices, answer (int), hint, task, grade,
+  subject, topic, category, skill, lecture, solution) with no id column: the ids are ``pid_splits.json``'s, in
+  row order, so the row count of a split must equal its pid count.
+
+Output (NOTES.md §5): ``<out>/<name>.json``, a list of ``{"id", "image": "<pid>/image.png", "conversations":
+[{"from": "human", "value": "<image>\\n" + ("Context: {hint}\\n" if hint) + question + "\\n" + "A. choice"
+lines joined by "\\n"}, {"from": "gpt", "value": letter}]}`` written with ``json.dumps(indent=2,
+ensure_ascii=False)``, and the images, byte for byte, at ``<out>/images/<split>/<pid>/image.png`` (the
+``--image-folder`` of an eval is ``<out>/images/<split>``). Problems without an image have no ``image`` field
+and no ``<image>`` line. ``split="test", only_image=True`` gives the paper's 2017-question file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .scienceqa import IMAGE_PLACEHOLDER
+
+log = logging.getLogger(__name__)
+
+IMAGE_NAME = "image.png"
+PARQUET_COLUMNS = ("image", "question", "choices", "answer", "hint", "task", "grade", "subject", "topic",
+                   "category", "skill", "lecture", "solution")
+_MIRROR_SPLIT = {"val": "validation"}      # pid_splits.json name -> parquet mirror file prefix
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One ScienceQA problem; ``image`` is the image's bytes (parquet), its file (official) or None."""
+
+    pid: str
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+    hint: str = ""
+    image: bytes | Path | None = None
+
+    def __post_init__(self):
+        if not 2 <= len(self.choices) <= 26:
+            raise ValueError(f"problem {self.pid}: {len(self.choices)} choices (need 2 to 26)")
+        if not isinstance(self.answer, int) or not 0 <= self.answer < len(self.choices):
+            raise ValueError(f"problem {self.pid}: answer {self.answer!r} is not an index into its "
+                             f"{len(self.choices)} choices")
+
+
+def letter(index: int) -> str:
+    return chr(ord("A") + index)
+
+
+def human_turn(problem: Problem) -> str:
+    """The question as the himap files state it: image line, optional context, question, lettered choices."""
+    lines = [f"{letter(i)}. {choice}" for i, choice in enumerate(problem.choices)]
+    context = f"Context: {problem.hint}\n" if problem.hint else ""
+    image = f"{IMAGE_PLACEHOLDER}\n" if problem.image is not None else ""
+    return f"{image}{context}{problem.question}\n" + "\n".join(lines)
+
+
+def to_record(problem: Problem) -> dict:
+    """The himap record of a problem, fields in the files' order: id, image, conversations."""
+    record: dict = {"id": problem.pid}
+    if problem.image is not None:
+        record["image"] = f"{problem.pid}/{IMAGE_NAME}"
+    record["conversations"] = [{"from": "human", "value": human_turn(problem)},
+                               {"from": "gpt", "value": letter(problem.answer)}]
+    return record
+
+
+def _read_json(path: Path, what: str):
+    if not path.is_file():
+        raise ValueError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
+def canonical_split(split: str) -> str:
+    """pid_splits.json's name of a split: a mirror's ``validation`` is ``val``."""
+    return {v: k for k, v in _MIRROR_SPLIT.items()}.get(split, split)
+
+
+def split_pids(pid_splits: Path, split: str) -> list[str]:
+    """The pids of ``split`` (``validation`` is read as ``val``) in the official order."""
+    splits = _read_json(pid_splits, "pid_splits.json")
+    split = canonical_split(split)
+    if not isinstance(splits, dict) or split not in splits:
+        names = ", ".join(splits) if isinstance(splits, dict) else "none"
+        raise ValueError(f"{pid_splits} has no split {split!r} (it has: {names})")
+    return [str(p) for p in splits[split]]
+
+
+def read_official(root: str | Path, split: str, pid_splits: str | Path | None = None) -> Iterator[Problem]:
+    """The problems of ``split`` from the official ``problems.json`` + ``pid_splits.json`` + ``images/``."""
+    root = Path(root)
+    problems = _read_json(root / "problems.json", "problems.json")
+    for pid in split_pids(Path(pid_splits) if pid_splits else root / "pid_splits.json", split):
+        if pid not in problems:
+            raise ValueError(f"pid_splits.json lists {pid}, which problems.json lacks")
+        p = problems[pid]
+        image = None
+        if p.get("image"):   # images sit under the problem's own split (it differs for minival, trainval...)
+            image = root / "images" / p.get("split", split) / pid / p["image"]
+            if not image.is_file():
+                raise ValueError(f"missing image of problem {pid}: {image}")
+        yield Problem(pid, p["question"], tuple(p["choices"]), p["answer"], p.get("hint") or "", image)
+
+
+def parquet_files(source: Path, split: str) -> list[Path]:
+    """``source`` itself if it is a parquet file, else the ``<split>*.parquet`` shards below it, in name order."""
+    if source.is_file():
+        return [source]
+    prefix = _MIRROR_SPLIT.get(split, split)
+    files = sorted((p for p in source.rglob("*.parquet") if p.name.startswith((f"{prefix}-", f"{prefix}."))),
+                   key=lambda p: p.name)
+    if not files:
+        raise ValueError(f"no {prefix}-*.parquet files under {source}")
+    return files
+
+
+def read_parquet(files: Iterable[str | Path], split: str, pid_splits: str | Path) -> Iterator[Problem]:
+    """The problems of ``split`` from parquet mirror shards (in order); ids from ``pid_splits.json``."""
+    import pyarrow.parquet as pq
+
+    files = [Path(f) for f in files]
+    pids = split_pids(Path(pid_splits), split)
+    readers = [pq.ParquetFile(f) for f in files]
+    for f, reader in zip(files, readers):
+        missing = [c for c in PARQUET_COLUMNS if c not in reader.schema_arrow.names]
+        if missing:
+            raise ValueError(f"{f} is not a ScienceQA parquet mirror: no column {', '.join(missing)}")
+    rows = sum(r.metadata.num_rows for r in readers)
+    if rows != len(pids):
+        raise ValueError(f"the parquet files hold {rows} rows but pid_splits.json lists {len(pids)} {split} "
+                         "problems: ids come from row order, so the counts must match")
+    ids = iter(pids)
+    for reader in readers:
+        for batch in reader.iter_batches(batch_size=256, columns=["image", "question", "choices", "answer", "hint"]):
+            for row in batch.to_pylist():
+                pid, image = next(ids), row["image"]
+                data = image.get("bytes") if isinstance(image, dict) else None
+                yield Problem(pid, row["question"], tuple(row["choices"]), row["answer"], row["hint"] or "", data)
+
+
+def default_name(split: str, only_image: bool) -> str:
+    """``himap-inference-MCQ.json`` for the paper's file (test, image questions), else ``himap-<split>[-image]-MCQ.json``."""
+    if split == "test" and only_image:
+        return "himap-inference-MCQ.json"
+    return f"himap-{split}{'-image' if only_image else ''}-MCQ.json"
+
+
+def write_questions(problems: Iterable[Problem], out: str | Path, split: str, *, only_image: bool = False,
+                    name: str | None = None, progress: bool = True) -> tuple[Path, int, int]:
+    """Write the question file and the images (bytes unchanged); returns ``(question file, questions, images)``.
+
+    The question file is written last and atomically, so it only appears once every image it names is there."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    folder = out / "images" / split
+    records, n_images = [], 0
+    for problem in tqdm(problems, desc=f"scienceqa {split}", unit="q", disable=not progress):
+        if problem.image is None:
+            if only_image:
+                continue
+        else:
+            dest = folder / problem.pid / IMAGE_NAME
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(problem.image, Path):
+                shutil.copyfile(problem.image, dest)
+            else:
+                dest.write_bytes(problem.image)
+            n_images += 1
+        records.append(to_record(problem))
+    path = out / (name or default_name(split, only_image))
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=out)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(records, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)
+    return path, len(records), n_images
+
+
+def _find_pid_splits(source: Path) -> Path:
+    for folder in (source, *source.parents[:2]):
+        if (folder / "pid_splits.json").is_file():
+            return folder / "pid_splits.json"
+    raise ValueError(f"no pid_splits.json beside {source}: pass --pid-splits (a parquet mirror has no ids, they "
+                     "come from the official pid_splits.json in row order)")
+
+
+def convert_scienceqa(source: str | Path, out: str | Path, *, split: str = "test", only_image: bool = False,
+                      pid_splits: str | Path | None = None, name: str | None = None,
+                      progress: bool = True) -> tuple[Path, int, int]:
+    """Convert ScienceQA from ``source`` (the official folder holding ``problems.json``, a parquet file, or a
+    folder of parquet shards) into ``out``; see the module docstring. Returns ``(question file, questions, images)``."""
+    source = Path(source)
+    split = canonical_split(split)
+    if not source.exists():
+        raise ValueError(f"ScienceQA source not found: {source}")
+    if source.is_dir() and (source / "problems.json").is_file():
+        problems = read_official(source, split, pid_splits)
+    else:
+        files = parquet_files(source, split)
+        problems = read_parquet(files, split, pid_splits or _find_pid_splits(source if source.is_dir() else source.parent))
+    return write_questions(problems, out, split, only_image=only_image, name=name, progress=progress)
