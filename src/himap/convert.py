@@ -144,6 +144,13 @@ def _tokenizer(llava_path: Path):
 
     from .data.demo import CHAT_TEMPLATE
 
+    if (llava_path / "tokenizer.model").is_file() and not (llava_path / "tokenizer.json").is_file():
+        import importlib.util
+
+        missing = [m for m in ("sentencepiece", "google.protobuf") if importlib.util.find_spec(m.split(".")[0]) is None]
+        if missing:
+            raise ValueError(f"{llava_path} ships a SentencePiece tokenizer.model: reading it needs "
+                             f"{' and '.join(m.split('.')[-1] for m in missing)} (pip install sentencepiece protobuf)")
     try:   # a named image token is added to the vocabulary (as the next id) and saved as tokenizer.image_token
         tokenizer = AutoTokenizer.from_pretrained(llava_path, extra_special_tokens={"image_token": "<image>"})
     except (OSError, ValueError, TypeError) as err:

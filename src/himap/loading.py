@@ -37,6 +37,7 @@ def load_llava(path: str, *, device: str = "auto", dtype: str = "auto", attn_imp
         path = str(Path(path).expanduser())
     elif path.startswith((".", "/", "~")):
         raise ValueError(f"model path not found: {path}")
+    _refuse_original_format(Path(path))
     config = AutoConfig.from_pretrained(path)
     if getattr(config, "model_type", None) != "llava":
         hint = " (an original-format LLaVA checkpoint? convert it with 'himap convert')" if getattr(
@@ -51,6 +52,18 @@ def load_llava(path: str, *, device: str = "auto", dtype: str = "auto", attn_imp
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
     return model.eval(), processor
+
+
+def _refuse_original_format(folder: Path) -> None:
+    """An original LLaVA config also says model_type "llava", and AutoConfig would silently read it as a default
+    llava-hf config: name the problem and the fix instead."""
+    import json
+
+    from .convert import is_original_llava
+
+    if (folder / "config.json").is_file() and is_original_llava(json.loads((folder / "config.json").read_text())):
+        raise ValueError(f"{folder} is an original-format LLaVA checkpoint (LlavaLlamaForCausalLM): convert it "
+                         "with 'himap convert --llava-path ... --vision-path ... --out ...'")
 
 
 def open_image(folder: str | Path, relative: str) -> Image.Image:
