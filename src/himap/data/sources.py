@@ -106,10 +106,12 @@ def read_official(root: str | Path, split: str, pid_splits: str | Path | None = 
     """The problems of ``split`` from the official ``problems.json`` + ``pid_splits.json`` + ``images/``."""
     root = Path(root)
     problems = _read_json(root / "problems.json", "problems.json")
+    if not isinstance(problems, dict):
+        raise ValueError(f"{root / 'problems.json'} must map problem ids to problems")
     for pid in split_pids(Path(pid_splits) if pid_splits else root / "pid_splits.json", split):
-        if pid not in problems:
-            raise ValueError(f"pid_splits.json lists {pid}, which problems.json lacks")
-        p = problems[pid]
+        p = problems.get(pid)
+        if not isinstance(p, dict) or not all(k in p for k in ("question", "choices", "answer")):
+            raise ValueError(f"problems.json has no problem {pid} with question, choices and answer")
         image = None
         if p.get("image"):   # images sit under the problem's own split (it differs for minival, trainval...)
             image = root / "images" / p.get("split", split) / pid / p["image"]
