@@ -1,0 +1,132 @@
+"""The benchmark harness on a tiny 3-layer LLaVA: fields, FLOPs prediction, KV-cache bytes, the pruning clock.
+No timing asserts. (3 layers, not 2: HiMAP's two stages need K1 >= 1 and K1 < K2 < depth.)"""
+
+import json
+import re
+import statistics
+
+import pytest
+import torch
+
+import himap
+from himap import benchmark as bm
+from himap.cli import main
+from himap.costs import prefill_flops_for
+
+POLICIES = {"vanilla": None, "himap": himap.HiMAP(k1=1, r1=18, k2=2, r2=4), "fastv": himap.FastV(k=1, r=12)}
+
+
+@pytest.fixture(scope="module")
+def tiny(make_model):
+    model = make_model(layers=3)
+    return model, bm.default_layout(model.config, n_sys=5, n_txt=9)
+
+
+@pytest.fixture(scope="module")
+def result(tiny):
+    model, layout = tiny
+    settings = bm.Settings(repeats=2, warmup=0, new_tokens=(1, 3), nocache_tokens=(1,))
+    return bm.run_benchmark(model, layout, POLICIES, settings=settings, description="tiny", progress=False)
+
+
+def test_result_fields_and_derived_numbers(result):
+    assert json.loads(json.dumps(result)) == result  # JSON-ready as is
+    assert result["layout"] == {"n_sys": 5, "n_img": 36, "n_txt": 9, "source": "defaults", "length": 50}
+    assert result["environment"]["dtype"] == "float32" and result["environment"]["device"].startswith("cpu")
+    for name, report in result["policies"].items():
+        t = report["timings"]
+        assert set(t) == {"prefill", "prefill_decoder", "vision", "prefill_profiled", "scoring", "gather",
+                          "e2e_1", "e2e_3", "nocache_1"}
+        assert all(v["n"] == 2 and v["min"] <= v["q1"] <= v["median"] <= v["q3"] <= v["max"] for v in t.values())
+        assert all(statistics.median(v["samples"]) == v["median"] for v in t.values())
+        # decoder and vision are parts of the same timed forward
+        assert all(d + v <= p for d, v, p in zip(t["prefill_decoder"]["samples"], t["vision"]["samples"],
+                                                 t["prefill"]["samples"]))
+        ref = result["policies"]["vanilla"]["timings"]
+        assert report["speedup"]["prefill"] == pytest.approx(ref["prefill"]["median"] / t["prefill"]["median"])
+        assert report["realized_fraction"]["prefill_decoder"] == pytest.approx(
+            report["speedup"]["prefill_decoder"] / report["predicted"]["speedup"])
+        assert report["cache_gain"] == {"1": pytest.approx(t["nocache_1"]["median"] / t["e2e_1"]["median"])}
+        assert 0 <= report["scoring_fraction"] <= report["pruning_overhead_fraction"] < 1
+    assert result["policies"]["vanilla"]["speedup"]["prefill"] == 1.0
+    assert result["policies"]["vanilla"]["scoring_fraction"] == 0.0
+
+
+def test_predicted_speedup_is_the_flops_report(tiny, result):
+    model, layout = tiny
+    for name, policy in POLICIES.items():
+        report = prefill_flops_for(model.config.text_config, n_img=36, n_text=5 + 9, policy=policy)
+        got = result["policies"][name]["predicted"]
+        assert got["flops_kept"] == report.flops_kept and got["speedup"] == 1 / report.flops_kept
+
+
+def test_kv_cache_bytes_equal_hand_count(make_model):
+    model = make_model(layers=3, kv_heads=2)  # grouped-query: the cache holds 2 of 4 heads
+    layout = bm.default_layout(model.config, n_sys=5, n_txt=9)
+    inputs = bm.synthetic_inputs(model, layout)
+    head_dim, n_text = 64 // 4, 5 + 9
+    lengths = {"vanilla": [50, 50, 50], "himap": [50, n_text + 18, n_text + 4], "fastv": [50, n_text + 12,
+                                                                                      n_text + 12]}
+    with torch.inference_mode():
+        for name, policy in POLICIES.items():
+            got = bm.profile_prefill(model, inputs, policy)
+            assert got["kv_lengths"] == lengths[name]
+            # keys + values, batch 1, 2 kv heads, float32
+            assert got["kv_cache_bytes"] == sum(2 * 1 * 2 * n * head_dim * 4 for n in lengths[name])
+
+
+def test_pruning_clock_counts_the_scoring_hooks_and_changes_nothing(tiny):
+    model, layout = tiny
+    inputs = bm.synthetic_inputs(model, layout, seed=3)
+    with torch.inference_mode():
+        for name, calls in (("himap", 2), ("fastv", 1), ("vanilla", 0)):
+            got = bm.profile_prefill(model, inputs, POLICIES[name])
+            assert got["scoring_calls"] == calls and (got["scoring"] > 0) == (calls > 0)
+        with himap.apply(model, POLICIES["himap"]) as pruner:
+            plain = model(**inputs).logits
+            with bm.pruning_clock(pruner, lambda: None) as clock:
+                clocked = model(**inputs).logits
+            assert clock.calls == {"scoring": 2, "gather": clock.calls["gather"]} and clock.calls["gather"] > 0
+            assert "resolve" not in vars(pruner) and "_restricted" not in vars(pruner)  # methods restored
+        torch.testing.assert_close(clocked, plain, rtol=0, atol=0)
+
+
+def test_interleaving_rotates_and_warms_up():
+    got = list(bm.interleaved(["a", "b", "c"], warmup=1, repeats=2))
+    assert got == [(False, "a"), (False, "b"), (False, "c"), (True, "b"), (True, "c"), (True, "a"),
+                   (True, "c"), (True, "a"), (True, "b")]
+
+
+def test_default_policies_keep_the_paper_ratios():
+    assert bm.default_policies(576) == {"vanilla": None, "himap": himap.HiMAP(2, 288, 8, 72),
+                                        "fastv": himap.FastV(2, 288)}
+    assert bm.default_policies(144)["himap"] == himap.HiMAP(2, 72, 8, 18)
+
+
+def test_measure_layout_counts_tokens(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from himap.data.scienceqa import CONV_TEMPLATES, SINGLE_PRED_PROMPT
+
+    questions = ["What is it?\nA. cat\nB. dog", "Which one?\nA. x", "Why is the sky blue today?\nA. air\nB. sea"]
+    records = [{"id": str(i), "image": f"{i}/image.png", "conversations": [
+        {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": "A"}]} for i, q in enumerate(questions)]
+    (tmp_path / "q.json").write_text(json.dumps(records))
+    words = lambda text: re.findall(r"\w+|[^\w\s]+", text)  # what the Whitespace pre-tokenizer splits into
+    system = CONV_TEMPLATES["vicuna_v1"].system + " USER: "
+    after = [f"\n{q}\n{SINGLE_PRED_PROMPT} ASSISTANT:" for q in questions]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(["[UNK]"] + words(system) + words(" ".join(after))))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    layout = bm.measure_layout(tok, 36, tmp_path / "q.json")
+    assert layout.n_sys == len(words(system)) and layout.n_img == 36
+    assert layout.n_txt == statistics.median(len(words(a)) for a in after)
+
+
+def test_cli_rejects_a_too_shallow_truncation_before_building(capsys):
+    assert main(["bench", "--layers", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "k2=8 needs at least 9 decoder layers" in err
