@@ -122,7 +122,11 @@ def _disrupt_one(model, tokenizer, item: Item, cfg: DisruptConfig, planned, know
     qid = item.question.id
     ref = known.get(qid)
     if ref is None:
-        ref = _reference(model, tokenizer, item, cfg)
+        try:
+            ref = _reference(model, tokenizer, item, cfg)
+        except ValueError as err:
+            refs.append({"id": qid, "error": str(err)})
+            return
         refs.append(ref)
     if ref["label"] is None:
         return                      # not vanilla-correct: not part of the measurement

@@ -92,7 +92,12 @@ def read_items(source: Source, processor, device, done: set[str]) -> Iterator[It
             yield {"id": q.id, "error": str(err)}
             continue
         prompt = build_prompt(q, source.conv_mode, source.single_pred_prompt)
-        yield Item(q, prompt, encode(processor, [prompt], [image], device))
+        try:
+            inputs = encode(processor, [prompt], [image], device)
+        except ValueError as err:            # e.g. the processor rejects the image
+            yield {"id": q.id, "error": f"cannot encode: {err}"}
+            continue
+        yield Item(q, prompt, inputs)
 
 
 def open_run(source: Source, out_dir: Path, settings: dict) -> None:
@@ -157,8 +162,12 @@ def run_saliency(source: Source, output_dir: str | Path, form: str = "attn_grad"
             log_.append(item)
             continue
         q = item.question
-        label = answer_token_id(processor.tokenizer, item.prompt, q.answer)
-        sal = saliency(model, item.inputs, [label], form=form)
+        try:
+            label = answer_token_id(processor.tokenizer, item.prompt, q.answer)
+            sal = saliency(model, item.inputs, [label], form=form)
+        except ValueError as err:
+            log_.append({"id": q.id, "answer": q.answer, "error": str(err)})
+            continue
         n_sys, n_img, n_txt = sal.counts[0].tolist()
         log_.append({"id": q.id, "answer": q.answer, "label_id": label, "n_sys": n_sys, "n_img": n_img,
                      "n_txt": n_txt, "loss": float(sal.loss[0]), "block_sums": sal.sample_block_sums[0].tolist(),
