@@ -113,4 +113,21 @@ def test_bad_input(make_model):
     no_image = {"input_ids": inputs["input_ids"][:, :5]}
     with pytest.raises(ValueError, match="no image tokens"):
         himap.saliency(model, no_image, [1])
+    with himap.apply(model, himap.FastV(k=2, r=9)), pytest.raises(ValueError, match="pruned"):
+        himap.saliency(model, inputs, [1])
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_composes_with_knockout(make_model):
+    """Both run on the one attention hook: under an img2txt knockout of layers 2..5 no saliency flows from image
+    columns to text rows there, and earlier layers still see it."""
+    model = make_model()
+    inputs = make_inputs(model, seed=4)
+    with himap.knockout(model, "img2txt", layers=range(2, 6)):
+        sal = himap.saliency(model, inputs, [5])
+        assert model.config.text_config._attn_implementation == "himap_sdpa"   # the knockout is still on
+    assert (sal.props4img[2:, 1] == 0).all() and (sal.props4img[:2, 1] > 0).all()
+    # Image rows matter only through text rows reading image columns, which happens in layers 0 and 1 only:
+    # so only layer 0's image-to-image edges (feeding layer 1's image states) carry gradient.
+    assert sal.props4img[0, 0] > 0 and (sal.props4img[1:, 0] == 0).all()
     assert model.config.text_config._attn_implementation == "sdpa"

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import hooks
+from ..engine import _ACTIVE
 from ..models import decoder_layers
 from .groups import IMG, TXT, group_codes, group_onehot, require_images
 
@@ -106,6 +107,8 @@ def saliency(model: nn.Module, inputs: dict, label_ids, form: str = "attn_grad")
     """
     if form not in FORMS:
         raise ValueError(f"unknown saliency form {form!r}; choose one of {', '.join(FORMS)}")
+    if model in _ACTIVE:     # pruning shortens the sequence the group matrices are built for
+        raise ValueError("saliency cannot run on a model pruned with himap.apply; remove the pruner first")
     layers = decoder_layers(model)
     input_ids = inputs.get("input_ids")
     if input_ids is None:
