@@ -45,3 +45,20 @@ def left_pad_batch(items, pad_id=0):
                                 torch.ones(1, x["input_ids"].shape[1], dtype=torch.long)], 1))
     return {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks),
             "pixel_values": torch.cat([x["pixel_values"] for x in items])}
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The embedded demo (tiny LLaVA checkpoint + 40 synthetic questions), built once per session in a temp
+    cache (``ensure_demo(root)``; ``HIMAP_CACHE=root.parent`` finds the same build)."""
+    from himap.data.demo import ensure_demo
+
+    return ensure_demo(tmp_path_factory.mktemp("himap-cache") / "demo")
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo):
+    """``(model, processor)`` of the demo checkpoint, loaded once, float32 on CPU."""
+    from himap.loading import load_llava
+
+    return load_llava(str(demo.model_dir), device="cpu", dtype="float32")

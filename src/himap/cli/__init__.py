@@ -9,7 +9,7 @@ import importlib
 import sys
 
 # command-group modules under himap.cli, in help order
-GROUPS = ("analysis", "bench")
+GROUPS = ("eval", "analysis", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
