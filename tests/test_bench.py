@@ -12,6 +12,7 @@ import himap
 from himap import benchmark as bm
 from himap.cli import main
 from himap.costs import prefill_flops_for
+from himap.measure import pruning_clock
 
 POLICIES = {"vanilla": None, "himap": himap.HiMAP(k1=1, r1=18, k2=2, r2=4), "fastv": himap.FastV(k=1, r=12)}
 
@@ -35,8 +36,8 @@ def test_result_fields_and_derived_numbers(result):
     assert result["environment"]["dtype"] == "float32" and result["environment"]["device"].startswith("cpu")
     for name, report in result["policies"].items():
         t = report["timings"]
-        assert set(t) == {"prefill", "prefill_decoder", "vision", "prefill_profiled", "scoring", "gather",
-                          "e2e_1", "e2e_3", "nocache_1"}
+        assert set(t) == {"prefill", "prefill_decoder", "vision", "prefill_profiled", "prefill_decoder_profiled",
+                          "vision_profiled", "scoring", "gather", "e2e_1", "e2e_3", "nocache_1"}
         assert all(v["n"] == 2 and v["min"] <= v["q1"] <= v["median"] <= v["q3"] <= v["max"] for v in t.values())
         assert all(statistics.median(v["samples"]) == v["median"] for v in t.values())
         # decoder and vision are parts of the same timed forward
@@ -50,6 +51,16 @@ def test_result_fields_and_derived_numbers(result):
         assert 0 <= report["scoring_fraction"] <= report["pruning_overhead_fraction"] < 1
     assert result["policies"]["vanilla"]["speedup"]["prefill"] == 1.0
     assert result["policies"]["vanilla"]["scoring_fraction"] == 0.0
+
+
+def test_separate_profile_block(tiny):
+    model, layout = tiny
+    settings = bm.Settings(repeats=1, profile_repeats=2, warmup=0, new_tokens=(1,), nocache_tokens=(),
+                           separate_profile=True)  # what CUDA runs: clean timed prefills, then profiled ones
+    got = bm.run_benchmark(model, layout, POLICIES, settings=settings, progress=False)["policies"]["himap"]
+    assert got["timings"]["prefill"]["n"] == 1 and got["timings"]["prefill_profiled"]["n"] == 2
+    assert got["timings"]["prefill"]["samples"] != got["timings"]["prefill_profiled"]["samples"][:1]
+    assert got["kv_lengths"] == [50, 5 + 9 + 18, 5 + 9 + 4] and got["cache_gain"] == {}
 
 
 def test_predicted_speedup_is_the_flops_report(tiny, result):
@@ -69,7 +80,7 @@ def test_kv_cache_bytes_equal_hand_count(make_model):
                                                                                       n_text + 12]}
     with torch.inference_mode():
         for name, policy in POLICIES.items():
-            got = bm.profile_prefill(model, inputs, policy)
+            got = bm.measure_prefill(model, inputs, policy)
             assert got["kv_lengths"] == lengths[name]
             # keys + values, batch 1, 2 kv heads, float32
             assert got["kv_cache_bytes"] == sum(2 * 1 * 2 * n * head_dim * 4 for n in lengths[name])
@@ -80,11 +91,11 @@ def test_pruning_clock_counts_the_scoring_hooks_and_changes_nothing(tiny):
     inputs = bm.synthetic_inputs(model, layout, seed=3)
     with torch.inference_mode():
         for name, calls in (("himap", 2), ("fastv", 1), ("vanilla", 0)):
-            got = bm.profile_prefill(model, inputs, POLICIES[name])
+            got = bm.measure_prefill(model, inputs, POLICIES[name])
             assert got["scoring_calls"] == calls and (got["scoring"] > 0) == (calls > 0)
         with himap.apply(model, POLICIES["himap"]) as pruner:
             plain = model(**inputs).logits
-            with bm.pruning_clock(pruner, lambda: None) as clock:
+            with pruning_clock(pruner, lambda: None) as clock:
                 clocked = model(**inputs).logits
             assert clock.calls == {"scoring": 2, "gather": clock.calls["gather"]} and clock.calls["gather"] > 0
             assert "resolve" not in vars(pruner) and "_restricted" not in vars(pruner)  # methods restored
@@ -130,3 +141,22 @@ def test_cli_rejects_a_too_shallow_truncation_before_building(capsys):
     assert main(["bench", "--layers", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "k2=8 needs at least 9 decoder layers" in err
+
+
+def test_cli_writes_json_and_markdown(tiny, tmp_path, monkeypatch, capsys):
+    model, _ = tiny
+    # the CLI path end to end, with the tiny model standing in for the 7B shape (no gigabytes in a unit test)
+    monkeypatch.setattr(bm, "build_model", lambda **kw: (model, None, f"tiny stand-in for {kw['preset']}"))
+    monkeypatch.setattr(bm, "default_policies", lambda n_img: POLICIES)
+    args = ["bench", "--layers", "9", "--dtype", "float32", "--device", "cpu", "--repeats", "1", "--warmup", "0",
+            "--new-tokens", "1", "2", "--nocache-tokens", "1", "--n-sys", "5", "--n-txt", "9",
+            "--out", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["layout"]["length"] == 50 and set(result["policies"]) == set(POLICIES)
+    table = (tmp_path / "r.md").read_text()
+    assert table in capsys.readouterr().out and "float32" in table.splitlines()[0]
+    rows = [line for line in table.splitlines() if line.startswith("| himap ")]
+    assert len(rows) == 3  # prefill, generation, cache-gain tables
+    predicted = result["policies"]["himap"]["predicted"]["speedup"]
+    assert f"{predicted:.2f}×" in rows[0]

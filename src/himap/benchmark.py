@@ -19,11 +19,9 @@ tokens (the engine's scoring hooks) and gathering the kept rows. The FLOPs-predi
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import platform
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -32,12 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import engine, hooks
 from .costs import image_tokens_for, prefill_flops_for
 from .engine import apply
+from .measure import (kv_cache_bytes, kv_cache_lengths, model_device, peak_memory, pruning_clock, span_timer,
+                      summarize, syncer)
 from .policies import FastV, HiMAP, Policy
 
-log = logging.getLogger(__name__)
 
 # The shipped HiMAP / FastV settings are stated for LLaVA-1.5's 576 image tokens; other counts keep the ratios.
 REFERENCE_IMAGE_TOKENS = 576
@@ -182,151 +180,6 @@ def build_model(*, preset: str | None = None, layers: int | None = None, model_p
     return model, None, f"{preset} shape, {depth} of {total} decoder layers, random weights"
 
 
-# -- clocks ------------------------------------------------------------------------------------------------------
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _syncer(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-@contextlib.contextmanager
-def span_timer(start: nn.Module, end: nn.Module, sync: Callable[[], None], out: list[float]) -> Iterator[list]:
-    """Append to ``out`` the seconds from entering ``start`` to leaving ``end``, for every such span."""
-    began: list[float] = []
-
-    def pre(module, args):
-        sync()
-        began.append(time.perf_counter())
-
-    def post(module, args, output):
-        sync()
-        out.append(time.perf_counter() - began.pop())
-
-    handles = [start.register_forward_pre_hook(pre), end.register_forward_hook(post)]
-    try:
-        yield out
-    finally:
-        for h in handles:
-            h.remove()
-
-
-class _Clock:
-    """Accumulates seconds per label for wrapped callables; nested wrapped calls count once (outermost)."""
-
-    def __init__(self, sync: Callable[[], None]):
-        self.sync, self.seconds, self.calls, self._depth = sync, {}, {}, 0
-
-    def wrap(self, label: str, fn: Callable) -> Callable:
-        def timed(*args, **kwargs):
-            if self._depth:
-                return fn(*args, **kwargs)
-            self.sync()
-            self._depth += 1
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.sync()
-                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
-                self.calls[label] = self.calls.get(label, 0) + 1
-                self._depth -= 1
-        return timed
-
-
-@contextlib.contextmanager
-def pruning_clock(pruner: engine.Pruner, sync: Callable[[], None]) -> Iterator[_Clock]:
-    """Time the pruner's work without editing the engine: ``scoring`` = the scoring attention hooks (their
-    ``qk``, which calls ``Pruner.resolve``) plus random draws; ``gather`` = gathering kept hidden rows and
-    restricting the mask / RoPE tables. Instance attributes shadow the methods and are deleted afterwards."""
-    clock = _Clock(sync)
-    scorers = [h for hs in list(hooks._HOOKS.values()) for h in hs
-               if isinstance(h, engine._Scorer) and h.pruner is pruner]
-    if len(scorers) != sum(s.query != "random" for s in pruner.stages):
-        raise ValueError("cannot find the engine's scoring hooks (did himap.engine change?)")
-    patched = [(s, "qk", "scoring") for s in scorers] + [
-        (pruner, "resolve", "scoring"), (pruner, "_gather_hidden", "gather"), (pruner, "_restricted", "gather")]
-    for obj, attr, label in patched:
-        setattr(obj, attr, clock.wrap(label, getattr(obj, attr)))
-    try:
-        yield clock
-    finally:
-        for obj, attr, _ in patched:
-            delattr(obj, attr)
-
-
-class _RssPeak:
-    """Peak resident-set growth over a block, sampled every ``interval`` s from /proc (Linux; else None).
-    Approximate: the allocator may reuse memory freed before the block, and short peaks can be missed."""
-
-    def __init__(self, interval: float = 0.001):
-        self.interval, self.growth = interval, None
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    def _rss(self) -> int | None:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page
-        except OSError:
-            return None
-
-    def __enter__(self) -> "_RssPeak":
-        self._base = self._peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        if self._base is not None:
-            self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._peak = max(self._peak, self._rss())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._base is not None:
-            self._thread.join()
-            self.growth = max(self._peak, self._rss()) - self._base
-
-
-@contextlib.contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict]:
-    """``{"bytes", "kind"}`` after the block: CUDA max_memory_allocated above the allocation at entry, or on CPU
-    the sampled RSS growth (approximate)."""
-    out: dict = {}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        yield out
-        torch.cuda.synchronize(device)
-        out.update(bytes=torch.cuda.max_memory_allocated(device) - base, kind="cuda max_memory_allocated - at start")
-        return
-    with _RssPeak() as rss:
-        yield out
-    out.update(bytes=rss.growth, kind="cpu RSS growth, sampled every 1 ms (approximate)")
-
-
-def kv_cache_bytes(cache) -> int:
-    """Bytes held by a cache's key and value tensors, summed over layers."""
-    return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
-
-
-def kv_cache_lengths(cache) -> list[int]:
-    """Cached sequence length per layer (pruned layers hold fewer positions)."""
-    return [int(layer.keys.shape[-2]) for layer in cache.layers]
-
-
-def summarize(samples: list[float]) -> dict:
-    """Median, quartiles, min and max of a list of seconds."""
-    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else samples * 3
-    return {"median": statistics.median(samples), "q1": q1, "q3": q3, "min": min(samples), "max": max(samples),
-            "n": len(samples), "samples": samples}
-
-
 # -- one measurement of one policy -------------------------------------------------------------------------------
 def _pruned(model: nn.Module, policy: Policy | None):
     return apply(model, policy) if policy is not None else contextlib.nullcontext()
@@ -339,42 +192,38 @@ def _prefill(model: nn.Module, inputs: dict):
     return out.cache
 
 
-def time_prefill(model: nn.Module, inputs: dict, policy: Policy | None) -> dict:
-    """Seconds of one prefill: whole (``prefill``), its language-model part and its vision tower + projector."""
-    mm, sync = model.model, _syncer(model_device(model))
-    decoder, vision = [], []
-    with _pruned(model, policy), span_timer(mm.language_model, mm.language_model, sync, decoder), \
-            span_timer(mm.vision_tower, mm.multi_modal_projector, sync, vision):
-        sync()
-        t0 = time.perf_counter()
-        _prefill(model, inputs)
-        sync()
-        total = time.perf_counter() - t0
-    return {"prefill": total, "prefill_decoder": sum(decoder), "vision": sum(vision)}
-
-
-def profile_prefill(model: nn.Module, inputs: dict, policy: Policy | None) -> dict:
-    """An instrumented prefill: pruning work (scoring / gather seconds), peak memory, KV-cache size."""
+def measure_prefill(model: nn.Module, inputs: dict, policy: Policy | None, *, profile: bool = True) -> dict:
+    """Seconds of one prefill: whole (``prefill``), its language-model part (``prefill_decoder``) and its vision
+    tower + projector (``vision``). With ``profile``, also the pruner's work (``scoring`` / ``gather`` seconds),
+    peak memory and the KV cache's size; on CUDA that instrumentation synchronises, so time without it there."""
     device = model_device(model)
-    sync = _syncer(device)
-    with _pruned(model, policy) as pruner:
-        clocked = pruning_clock(pruner, sync) if pruner is not None else contextlib.nullcontext()
-        with clocked as clock, peak_memory(device) as memory:
+    mm, sync = model.model, syncer(device)
+    decoder, vision = [], []
+    with _pruned(model, policy) as pruner, \
+            span_timer(mm.language_model, mm.language_model, sync, decoder), \
+            span_timer(mm.vision_tower, mm.multi_modal_projector, sync, vision):
+        profiled = profile and pruner is not None
+        with pruning_clock(pruner, sync) if profiled else contextlib.nullcontext() as clock, \
+                peak_memory(device) if profile else contextlib.nullcontext() as memory:
             sync()
             t0 = time.perf_counter()
             cache = _prefill(model, inputs)
             sync()
             total = time.perf_counter() - t0
-    seconds = clock.seconds if clock is not None else {}
-    return {"prefill_profiled": total, "scoring": seconds.get("scoring", 0.0), "gather": seconds.get("gather", 0.0),
-            "scoring_calls": clock.calls.get("scoring", 0) if clock is not None else 0,
-            "peak_memory_bytes": memory["bytes"], "peak_memory_kind": memory["kind"],
-            "kv_cache_bytes": kv_cache_bytes(cache), "kv_lengths": kv_cache_lengths(cache)}
+    out = {"prefill": total, "prefill_decoder": sum(decoder), "vision": sum(vision)}
+    if not profile:
+        return out
+    seconds, calls = (clock.seconds, clock.calls) if clock is not None else ({}, {})
+    return {**{f"{k}_profiled": v for k, v in out.items()},
+            "scoring": seconds.get("scoring", 0.0), "gather": seconds.get("gather", 0.0),
+            "scoring_calls": calls.get("scoring", 0), "peak_memory_bytes": memory["bytes"],
+            "peak_memory_kind": memory["kind"], "kv_cache_bytes": kv_cache_bytes(cache),
+            "kv_lengths": kv_cache_lengths(cache)}
 
 
 def time_generate(model: nn.Module, inputs: dict, policy: Policy | None, new_tokens: int, use_cache: bool) -> float:
     """Seconds of greedy ``generate`` producing exactly ``new_tokens`` tokens, with or without a KV cache."""
-    sync = _syncer(model_device(model))
+    sync = syncer(model_device(model))
     with _pruned(model, policy):
         sync()
         t0 = time.perf_counter()
@@ -416,7 +265,9 @@ def predicted(model: nn.Module, layout: Layout, policy: Policy | None) -> dict:
 
 @dataclass(frozen=True)
 class Settings:
-    """How much to measure. ``gen_repeats`` / ``profile_repeats`` default to ``repeats``."""
+    """How much to measure: ``repeats`` interleaved rounds of prefill, ``gen_repeats`` of each generation block
+    (default ``repeats``), ``profile_repeats`` of profiled prefills (a separate block on CUDA; default ``repeats``), after
+    ``warmup`` unmeasured rounds run once before the first block."""
 
     repeats: int = 5
     warmup: int = 1
@@ -424,6 +275,7 @@ class Settings:
     nocache_tokens: tuple[int, ...] = (1, 64)
     gen_repeats: int | None = None
     profile_repeats: int | None = None
+    separate_profile: bool | None = None  # profiled prefills in their own block; None: on CUDA only
 
     def __post_init__(self):
         for name in ("repeats", "gen_repeats", "profile_repeats"):
@@ -438,16 +290,28 @@ class Settings:
 
 
 def _blocks(model: nn.Module, inputs: dict, s: Settings) -> list[tuple[str, int, Callable]]:
-    """(label, repeats, policy -> {label: value}) for every measurement block, in the order they run."""
+    """(label, repeats, policy -> {label: value}) for every measurement block, in the order they run.
+
+    On CUDA the profiling instrumentation synchronises inside the forward, so clean timed prefills and profiled
+    prefills are separate blocks; on CPU (nothing to synchronise) one profiled block gives both."""
     gen = s.gen_repeats or s.repeats
-    blocks = [("prefill", s.repeats, lambda p: time_prefill(model, inputs, p)),
-              ("profile", s.profile_repeats or s.repeats, lambda p: profile_prefill(model, inputs, p))]
+    separate = s.separate_profile if s.separate_profile is not None else model_device(model).type == "cuda"
+    if separate:
+        blocks = [("prefill", s.repeats, lambda p: measure_prefill(model, inputs, p, profile=False)),
+                  ("profile", s.profile_repeats or s.repeats, lambda p: measure_prefill(model, inputs, p))]
+    else:
+        blocks = [("prefill", s.repeats, lambda p: _unprofiled(measure_prefill(model, inputs, p)))]
     for n in s.new_tokens:
         blocks.append((f"e2e_{n}", gen, lambda p, n=n: {f"e2e_{n}": time_generate(model, inputs, p, n, True)}))
     for n in s.nocache_tokens:
         blocks.append((f"nocache_{n}", gen,
                        lambda p, n=n: {f"nocache_{n}": time_generate(model, inputs, p, n, False)}))
     return blocks
+
+
+def _unprofiled(got: dict) -> dict:
+    """A profiled prefill also counted as a timed one (CPU: the instrumentation costs microseconds)."""
+    return {**got, **{k: got[f"{k}_profiled"] for k in ("prefill", "prefill_decoder", "vision")}}
 
 
 def run_benchmark(model: nn.Module, layout: Layout, policies: dict[str, Policy | None] | None = None, *,
@@ -465,10 +329,11 @@ def run_benchmark(model: nn.Module, layout: Layout, policies: dict[str, Policy |
     blocks = _blocks(model, inputs, settings)
     samples: dict[str, dict[str, list]] = {name: {} for name in policies}
     load_before = _loadavg()
-    total = sum((settings.warmup + reps) * len(policies) for _, reps, _ in blocks)
+    total = (settings.warmup + sum(reps for _, reps, _ in blocks)) * len(policies)
     with torch.inference_mode(), tqdm(total=total, desc="bench", disable=not progress) as bar:
-        for label, reps, measure in blocks:
-            for measured, name in interleaved(list(policies), settings.warmup, reps):
+        for i, (label, reps, measure) in enumerate(blocks):
+            # warm-up rounds run once, before the first block: later blocks find kernels and allocator warm
+            for measured, name in interleaved(list(policies), settings.warmup if i == 0 else 0, reps):
                 bar.set_postfix_str(f"{label} {name}")
                 values = measure(policies[name])
                 if measured:
@@ -484,7 +349,8 @@ def run_benchmark(model: nn.Module, layout: Layout, policies: dict[str, Policy |
 
 
 def _reports(model: nn.Module, layout: Layout, policies: dict, samples: dict) -> dict:
-    timed = ("prefill", "prefill_decoder", "vision", "prefill_profiled", "scoring", "gather")
+    timed = ("prefill", "prefill_decoder", "vision", "prefill_profiled", "prefill_decoder_profiled",
+             "vision_profiled", "scoring", "gather")
     out = {}
     for name, policy in policies.items():
         got = samples[name]
@@ -577,7 +443,7 @@ def format_markdown(result: dict) -> str:
              f"{result['model']}; {env['attn_implementation']} attention; sequence {lay['n_sys']} system + "
              f"{lay['n_img']} image + {lay['n_txt']} instruction = {lay['length']} tokens ({lay['source']}). "
              f"Milliseconds, median [quartiles] of {s['repeats']} interleaved repeats (generation: "
-             f"{s['gen_repeats'] or s['repeats']}) after {s['warmup']} warm-up round(s); torch {env['torch']}, "
+             f"{s['gen_repeats'] or s['repeats']}) after {s['warmup']} warm-up round(s) of all policies; torch {env['torch']}, "
              f"transformers {env['transformers']}; load average (1/5/15 min) before {_load(env['loadavg_before'])}, "
              f"after {_load(env['loadavg_after'])}.", "",
              "**Prefill** (time to first token). *decoder* = the language model's part of the same forward; "

@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--repeats", type=int, default=5, help="measured rounds per block (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds before each block (default 1)")
     p.add_argument("--gen-repeats", type=int, help="rounds of the generation blocks (default: --repeats)")
+    p.add_argument("--profile-repeats", type=int,
+                   help="profiled prefills (scoring time, memory), a separate block on CUDA (default: --repeats)")
     p.add_argument("--new-tokens", type=int, nargs="+", default=[1, 64], help="answer lengths with a KV cache")
     p.add_argument("--nocache-tokens", type=int, nargs="*", default=[1, 64],
                    help="answer lengths without a KV cache (the original's style; empty to skip)")
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     preset = args.preset or (None if args.model_path else "llava-1.5-7b")
     settings = bm.Settings(repeats=args.repeats, warmup=args.warmup, gen_repeats=args.gen_repeats,
+                           profile_repeats=args.profile_repeats,
                            new_tokens=tuple(args.new_tokens), nocache_tokens=tuple(args.nocache_tokens))
     if preset is not None:  # fail on a too-shallow truncation before building gigabytes of weights
         from ..configs import preset_config
