@@ -9,7 +9,7 @@ import importlib
 import sys
 
 # command-group modules under himap.cli, in help order
-GROUPS = ("eval", "analysis", "bench")
+GROUPS = ("eval", "costs", "convert", "data", "analysis", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,132 @@
+"""FLOPs: the FastV formula against hand-computed values and the paper's numbers, the exact matmul count against
+torch's FlopCounterMode on a tiny LLaVA (with and without pruning), and `himap flops`."""
+
+import json
+import re
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import himap
+from conftest import make_inputs
+from himap.cli import main
+from himap.configs import preset_config, random_llava, tiny_config
+from himap.costs import (image_tokens_per_layer, layer_flops, layer_matmul_flops, prefill_flops,
+                         prefill_flops_for, prefill_matmul_flops_for, read_model_config)
+
+torch.set_grad_enabled(False)
+SHIPPED = himap.HiMAP(k1=2, r1=288, k2=8, r2=72)
+
+
+def test_layer_counts_by_hand():
+    # n=10, d=4, m=6: 4*10*16 + 2*100*4 + 2*10*4*6
+    assert layer_flops(10, 4, 6) == 640 + 800 + 480
+    # n=10, d=8, 2 heads of 4, 1 kv head, FFN 12 (gated): MACs q 640 + o 640 + k 320 + v 320, QK^T and PV
+    # 2*100*8 = 1600, FFN 3*10*8*12 = 2880; 2 FLOPs each
+    assert layer_matmul_flops(10, hidden=8, ffn=12, heads=2, kv_heads=1) == 2 * 6400
+    assert layer_matmul_flops(10, hidden=8, ffn=12, heads=2, kv_heads=1, ffn_matrices=2) == 2 * (6400 - 960)
+
+
+def test_image_tokens_per_layer_and_the_readme_ratio():
+    assert image_tokens_per_layer(576, 32, SHIPPED) == [576] * 2 + [288] * 6 + [72] * 24
+    assert image_tokens_per_layer(576, 5) == [576] * 5
+    assert image_tokens_per_layer(576, 32, himap.FastV(k=3, r=100)) == [576] * 3 + [100] * 29
+    text = preset_config("llava-1.5-7b").text_config
+    report = prefill_flops_for(text, n_img=576, n_text=65, policy=SHIPPED)
+    assert report.image_work_kept == (2 * 576 + 6 * 288 + 24 * 72) / (32 * 576) == 0.25
+    text13 = preset_config("llava-1.5-13b").text_config
+    assert prefill_flops_for(text13, n_img=576, n_text=65, policy=SHIPPED).image_work_kept == pytest.approx(0.225)
+    with pytest.raises(ValueError, match="k2=8 must be < the number of decoder layers"):
+        image_tokens_per_layer(576, 8, SHIPPED)
+
+
+def test_whole_sequence_ratio_matches_the_abstract():
+    """LLaVA-1.5-7B, 35 system tokens + 30..100 text tokens: 32-38% of the FLOPs kept (NOTES §1)."""
+    text = preset_config("llava-1.5-7b").text_config
+    kept = [prefill_flops_for(text, n_img=576, n_text=35 + t, policy=SHIPPED).flops_kept for t in (30, 65, 100)]
+    assert kept == sorted(kept) and 0.315 < kept[0] < 0.325 and 0.38 < kept[-1] < 0.39
+    # by hand for n_text=65: 2 layers of 641 tokens, 6 of 353, 24 of 137 over 32 of 641
+    d, m = 4096, 11008
+    f = lambda n: 4 * n * d * d + 2 * n * n * d + 2 * n * d * m  # noqa: E731
+    r = prefill_flops(hidden=d, ffn=m, layers=32, n_img=576, n_text=65, policy=SHIPPED)
+    assert (r.vanilla, r.pruned) == (32 * f(641), 2 * f(641) + 6 * f(353) + 24 * f(137))
+
+
+def decoder_flops(model, inputs) -> int:
+    """FLOPs that FlopCounterMode counts inside the decoder layers (vision tower and lm_head excluded)."""
+    with FlopCounterMode(display=False) as counter:
+        model(**inputs)
+    layer = re.compile(r"language_model\.layers\.\d+$")
+    return sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if layer.search(name))
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_exact_count_matches_flop_counter(kv_heads):
+    """Eager attention (FlopCounterMode sees no matmul inside CPU SDPA): the gated-FFN count is exact for the
+    stock model and within 3% under pruning (the pruning scorer's own partial attention rows are extra); the
+    FastV formula's pruned/vanilla ratio is close to the measured one."""
+    config = tiny_config(layers=8, hidden=64, heads=4, kv_heads=kv_heads, image_size=168)   # 144 image tokens
+    model = random_llava(config, qk_scale=8.0, attn_implementation="eager")
+    inputs = make_inputs(model, sys_len=7, txt_len=20)
+    n_img, n_text = 144, 27
+    vanilla = decoder_flops(model, inputs)
+    assert vanilla == prefill_matmul_flops_for(config.text_config, n_img=n_img, n_text=n_text)
+    for policy in (himap.HiMAP(k1=2, r1=72, k2=4, r2=18), himap.FastV(k=2, r=36)):
+        with himap.apply(model, policy) as pruner:
+            pruned = decoder_flops(model, inputs)
+        assert [k.shape[1] for k in pruner.kept] == [s.keep for s in policy.stages]
+        exact = prefill_matmul_flops_for(config.text_config, n_img=n_img, n_text=n_text, policy=policy)
+        assert exact <= pruned <= 1.03 * exact
+        fastv = prefill_flops_for(config.text_config, n_img=n_img, n_text=n_text, policy=policy).flops_kept
+        assert abs(fastv - pruned / vanilla) < 0.03
+        assert pruned / vanilla < 0.6        # the pruning really happened
+
+
+def test_read_model_config_shapes(tmp_path):
+    text, n_img = read_model_config("llava-1.5-7b")
+    assert (text.hidden_size, text.num_hidden_layers, n_img) == (4096, 32, 576)
+    config = tiny_config(layers=3, image_size=84)
+    config.save_pretrained(tmp_path / "hf")
+    text, n_img = read_model_config(tmp_path / "hf")
+    assert (text.num_hidden_layers, n_img) == (3, 36)
+    original = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "hidden_size": 4096,
+                "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "mm_hidden_size": 1024, "mm_vision_tower": "openai/clip-vit-large-patch14-336"}
+    (tmp_path / "orig.json").write_text(json.dumps(original))
+    text, n_img = read_model_config(tmp_path / "orig.json")
+    assert (text.hidden_size, text.intermediate_size, n_img) == (4096, 11008, 576)
+    (tmp_path / "llama.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
+                                                     "intermediate_size": 128, "num_hidden_layers": 4}))
+    assert read_model_config(tmp_path / "llama.json")[1] is None
+
+
+def test_cli_table_and_json(tmp_path, capsys):
+    assert main(["flops", "--model", "llava-1.5-7b", "--text-tokens", "30", "100", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    text = preset_config("llava-1.5-7b").text_config
+    for row, t in zip(out["rows"], (30, 100)):
+        assert row["flops_kept"] == prefill_flops_for(text, n_img=576, n_text=35 + t, policy=SHIPPED).flops_kept
+    assert out["image_tokens_per_layer"] == image_tokens_per_layer(576, 32, SHIPPED)
+
+    assert main(["flops", "--model", "llava-1.5-7b", "--text-tokens", "30"]) == 0
+    table = capsys.readouterr().out
+    assert "image-token x layer work kept: 25.0%" in table
+    assert re.search(r"\n\s+30\s+\S+ T\s+\S+ T\s+32\.0%\s+68\.0%\n", table)
+
+    assert main(["flops", "--model", "llava-1.5-7b", "--policy", "fastv", "--k", "3", "--r", "144", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["policy"] == "FastV(k=3, r=144)"
+
+
+def test_cli_errors(tmp_path, capsys):
+    (tmp_path / "llama.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
+                                                     "intermediate_size": 128, "num_hidden_layers": 4}))
+    cases = [(["--model", "nope"], "no such preset or config"),
+             (["--model", str(tmp_path / "llama.json")], "pass --image-tokens"),
+             (["--model", str(tmp_path / "llama.json"), "--image-tokens", "16", "--k2", "9"], "k2=9 must be <"),
+             (["--model", "llava-1.5-7b", "--k1", "3", "--k2", "2"], "k2 must be > k1")]
+    for argv, message in cases:
+        assert main(["flops", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert main(["flops", "--model", str(tmp_path / "llama.json"), "--image-tokens", "16", "--k2", "3"]) == 0
