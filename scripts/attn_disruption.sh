@@ -11,7 +11,7 @@
 # NOTE: the original edits a mask shared by all later layers in place, so --isolate-layer k blocks layers k..LAST.
 # That is the default here; pass --isolate-window 1 to block one layer at a time.
 # DATA_DIR holds himap-inference-MCQ-VC-13B.json (VC_FILE to change it) and images/test. OUT_DIR (default
-# output/disrupt/<model>). Extra arguments go to `himap disrupt` (e.g. --limit 50 --layers 0,5,10). Re-running resumes.
+# runs/disrupt/<model>). Extra arguments go to `himap disrupt` (e.g. --limit 50 --layers 0,5,10). Re-running resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
@@ -19,12 +19,12 @@ PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
 if [ -z "${MODEL_PATH:-}" ]; then
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # a 128-wide model gains nothing from intra-op threads
     source_args=(--all-questions)
-    out_dir=${OUT_DIR:-output/disrupt/demo}
+    out_dir=${OUT_DIR:-runs/disrupt/demo}
 else
     : "${DATA_DIR:?set DATA_DIR to the folder holding the VC question file and images/test}"
     source_args=(--model-path "$MODEL_PATH" --question-file "$DATA_DIR/${VC_FILE:-himap-inference-MCQ-VC-13B.json}"
                  --image-folder "$DATA_DIR/images/test")
-    out_dir=${OUT_DIR:-output/disrupt/$(basename "$MODEL_PATH")}
+    out_dir=${OUT_DIR:-runs/disrupt/$(basename "$MODEL_PATH")}
 fi
 
 "$PY" -m himap disrupt "${source_args[@]}" --single-pred-prompt --conv-mode vicuna_v1 --max-new-tokens 8 \

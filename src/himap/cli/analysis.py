@@ -38,7 +38,7 @@ def register(sub) -> None:
     _source_args(s)
     s.add_argument("--form", default="attn_grad", choices=("attn_grad", "original"),
                    help="attn_grad: |A*dL/dA| (the paper); original: A^2*|dL/dA| (the released code)")
-    s.add_argument("--output-dir", default="output/saliency", help="default: output/saliency")
+    s.add_argument("--output-dir", default="runs/saliency", help="default: runs/saliency")
     s.set_defaults(run=run_saliency)
 
     d = sub.add_parser("disrupt", help="block an information flow in some layers and measure answer consistency",
@@ -60,7 +60,7 @@ def register(sub) -> None:
                    help="recompute the whole sequence per generated token, as the original (slower)")
     d.add_argument("--all-questions", action="store_true",
                    help="keep questions the unblocked model gets wrong; its own answer is then the label")
-    d.add_argument("--output-dir", default="output/disrupt", help="default: output/disrupt")
+    d.add_argument("--output-dir", default="runs/disrupt", help="default: runs/disrupt")
     d.set_defaults(run=run_disrupt)
 
     p = sub.add_parser("plot", help="figures from saliency / disrupt result files (no model needed)")
