@@ -150,7 +150,7 @@ def check_converted(out: Path, parts):
                  + "Answer with the option's letter from the given choices directly."}]}]
     assert processor.apply_chat_template(messages, add_generation_prompt=True) == prompt
     inputs = processor(text=[prompt], images=[image()], return_tensors="pt")
-    assert (inputs["input_ids"] == image_id).sum() == (IMAGE_SIZE // PATCH) ** 2
+    assert (inputs["input_ids"] == image_id).sum() == (IMAGE_SIZE // PATCH) ** 2 == model.config.image_seq_length
     assert inputs["pixel_values"].shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE)
 
     ref = reference(parts, image_id, vocab, pad_id)

@@ -211,15 +211,18 @@ def _check_keys(model, tensors: dict, source: Path) -> None:
 def _llava_config(original: dict, vision_config, tokenizer, vocab: int, dtype: str):
     from transformers import LlavaConfig
 
+    from .costs import image_tokens_for
+
     text_config = original_text_config(original)
     text_config.vocab_size, text_config.pad_token_id = vocab, tokenizer.pad_token_id
-    strategy = _SELECT_FEATURE[original.get("mm_vision_select_feature", "patch")]
-    n_img = (vision_config.image_size // vision_config.patch_size) ** 2 + (strategy == "full")
-    return LlavaConfig(text_config=text_config, vision_config=vision_config,
-                       image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=n_img,
-                       projector_hidden_act="gelu", vision_feature_select_strategy=strategy,
-                       vision_feature_layer=original.get("mm_vision_select_layer", -2),
-                       multimodal_projector_bias=True, pad_token_id=tokenizer.pad_token_id, dtype=dtype)
+    config = LlavaConfig(text_config=text_config, vision_config=vision_config,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu",
+                         vision_feature_select_strategy=_SELECT_FEATURE[original.get("mm_vision_select_feature",
+                                                                                     "patch")],
+                         vision_feature_layer=original.get("mm_vision_select_layer", -2),
+                         multimodal_projector_bias=True, pad_token_id=tokenizer.pad_token_id, dtype=dtype)
+    config.image_seq_length = image_tokens_for(config)
+    return config
 
 
 def _write_atomically(out: Path, model, processor, max_shard_size: str) -> None:
