@@ -9,7 +9,7 @@ import importlib
 import sys
 
 # command-group modules under himap.cli, in help order
-GROUPS = ("eval", "costs", "convert", "data", "analysis", "bench")
+GROUPS = ("eval", "costs", "convert", "data", "analysis", "bench", "organism")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,226 @@
+"""A model organism: a tiny LLaVA trained from scratch on CPU whose answers depend on the image.
+
+The architecture is the demo's (CLIP-style vision tower, 2-layer GELU projector, LLaMA decoder, the offline BPE
+tokenizer and ``LlavaProcessor`` of :mod:`himap.data.demo`, the vicuna_v1 prompt), trained on the synthetic
+questions of :mod:`himap.data.synthetic`. Each training sequence is the exact evaluation prompt followed by the
+answer letter; the loss is on the letter (the token after "ASSISTANT:") and on the ``</s>`` that follows it, so
+that greedy generation answers "B" and stops, as the eval scores it.
+
+Training streams fresh items (rendered and encoded by the processor, exactly as the eval does) from a seeded
+generator, checks accuracy on a separate validation split every few hundred steps and stops early at the
+target. With the same seed, thread count and torch build the run is reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data.scienceqa import Question, build_prompt
+from .data.synthetic import TASKS, Item, generate
+
+log = logging.getLogger(__name__)
+
+ORGANISM_TASKS = ("color", "shape", "position")
+
+
+@dataclass(frozen=True)
+class OrganismConfig:
+    """Model shape and training recipe. The image-token count is ``(image_size / patch_size) ** 2``."""
+
+    layers: int = 4
+    hidden: int = 96
+    heads: int = 4
+    vision_hidden: int = 64
+    vision_layers: int = 3          # the projector reads the second-to-last layer, as LLaVA does
+    image_size: int = 84
+    patch_size: int = 14
+    tasks: tuple[str, ...] = ORGANISM_TASKS
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup: int = 50
+    max_steps: int = 1500
+    eval_every: int = 150
+    n_val: int = 150
+    target: float = 0.95
+    max_minutes: float = 20.0
+    seed: int = 0
+    threads: int = 1
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+        if unknown := [t for t in self.tasks if t not in TASKS]:
+            raise ValueError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
+        if self.vision_layers < 2:
+            raise ValueError("vision_layers must be >= 2 (the projector reads the second-to-last layer)")
+        for name in ("batch_size", "max_steps", "eval_every", "n_val", "layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def n_img(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class TrainReport:
+    steps: int = 0
+    seconds: float = 0.0
+    val_accuracy: float = 0.0
+    history: list[dict] = field(default_factory=list)   # {"step", "loss", "val_accuracy", "seconds"}
+
+
+def build_organism(config: OrganismConfig):
+    """``(model, processor)``: an untrained LLaVA of ``config``'s shape with the demo tokenizer and processor."""
+    from transformers import LlavaForConditionalGeneration
+
+    from .data.demo import build_model, build_processor
+
+    processor = build_processor(image_size=config.image_size, patch_size=config.patch_size)
+    shell = build_model(processor.tokenizer, layers=config.layers, hidden=config.hidden, heads=config.heads,
+                        image_size=config.image_size, patch_size=config.patch_size, seed=config.seed, qk_scale=1.0)
+    cfg = shell.config
+    v = cfg.vision_config
+    v.hidden_size, v.intermediate_size = config.vision_hidden, 4 * config.vision_hidden
+    v.num_hidden_layers, v.num_attention_heads = config.vision_layers, max(1, config.vision_hidden // 32)
+    v.projection_dim = config.vision_hidden
+    torch.manual_seed(config.seed)
+    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    model.generation_config = shell.generation_config
+    return model.eval(), processor
+
+
+def answer_ids(tokenizer) -> dict[str, int]:
+    """The token id of each answer letter as it follows "ASSISTANT:" (one token each, e.g. " B")."""
+    ids = {}
+    for letter in "ABCDE":
+        tok = tokenizer.encode(f" {letter}", add_special_tokens=False)
+        if len(tok) != 1:
+            raise ValueError(f"the tokenizer splits the answer ' {letter}' into {len(tok)} tokens")
+        ids[letter] = tok[0]
+    return ids
+
+
+def encode_items(items: Sequence[Item], processor, image_size: int) -> dict:
+    """Model inputs for ``items``: the eval prompt + the answer letter, left-padded, and ``labels`` (B, 2) =
+    (letter id, eos id), the targets at the last two positions."""
+    letters = answer_ids(processor.tokenizer)
+    eos = processor.tokenizer.eos_token_id
+    prompts = [build_prompt(Question.from_record(it.record())) + f" {it.letter}" for it in items]
+    batch = processor(text=prompts, images=[it.render(image_size) for it in items], return_tensors="pt",
+                      padding=True)
+    batch = dict(batch)
+    batch["labels"] = torch.tensor([[letters[it.letter], eos] for it in items])
+    return batch
+
+
+def answer_loss(model, batch: dict) -> torch.Tensor:
+    """Cross-entropy on the answer letter and the ``</s>`` after it; logits only at the last two positions."""
+    out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      pixel_values=batch["pixel_values"])
+    logits = model.lm_head(out.last_hidden_state[:, -2:])     # (B, 2, V): predicts the letter, then eos
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
+
+
+@torch.inference_mode()
+def letter_accuracy(model, batches: Sequence[dict]) -> float:
+    """Share of items whose greedy next token after "ASSISTANT:" is the gold letter (the prompt without the
+    appended letter is the same prefix, so this reads the logits at position -2 of the training layout)."""
+    right = total = 0
+    for batch in batches:
+        out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          pixel_values=batch["pixel_values"])
+        pred = model.lm_head(out.last_hidden_state[:, -2]).argmax(-1)
+        right += int((pred == batch["labels"][:, 0]).sum())
+        total += len(pred)
+    return right / max(total, 1)
+
+
+def _stream(config: OrganismConfig, processor) -> Iterator[dict]:
+    """Endless seeded training batches; chunk ``i`` of the train split is ``generate(split="train", seed=..+i)``."""
+    chunk = 0
+    while True:
+        items = list(generate(config.batch_size * 50, "train", config.seed * 100_000 + chunk, config.tasks))
+        for i in range(0, len(items), config.batch_size):
+            yield encode_items(items[i:i + config.batch_size], processor, config.image_size)
+        chunk += 1
+
+
+def _lr(config: OrganismConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10% over ``max_steps``."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    t = min(1.0, (step - config.warmup) / max(1, config.max_steps - config.warmup))
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train_organism(config: OrganismConfig, model=None, processor=None, progress: bool = True):
+    """Train (a fresh model of ``config``, or the given one) until validation accuracy reaches ``config.target``,
+    ``max_steps`` or ``max_minutes``; returns ``(model, processor, TrainReport)``."""
+    from tqdm import tqdm
+
+    torch.set_num_threads(config.threads)
+    if model is None:
+        model, processor = build_organism(config)
+    val_items = list(generate(config.n_val, "val", config.seed, config.tasks))
+    val = [encode_items(val_items[i:i + 64], processor, config.image_size) for i in range(0, len(val_items), 64)]
+    torch.manual_seed(config.seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+    report, start, running = TrainReport(), time.perf_counter(), None
+    bar = tqdm(total=config.max_steps, disable=not progress, desc="train-organism")
+    model.train()
+    for step, batch in zip(range(config.max_steps), _stream(config, processor)):
+        for group in opt.param_groups:
+            group["lr"] = _lr(config, step)
+        loss = answer_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.3f}")
+        report.steps, report.seconds = step + 1, time.perf_counter() - start
+        out_of_time = report.seconds > 60 * config.max_minutes
+        if (step + 1) % config.eval_every == 0 or out_of_time or step + 1 == config.max_steps:
+            model.eval()
+            report.val_accuracy = letter_accuracy(model, val)
+            model.train()
+            report.history.append({"step": step + 1, "loss": round(running, 4),
+                                   "val_accuracy": round(report.val_accuracy, 4),
+                                   "seconds": round(report.seconds, 1)})
+            log.info("step %d loss %.3f val %.3f", step + 1, running, report.val_accuracy)
+            bar.write(f"step {step + 1} loss {running:.3f} val_accuracy {report.val_accuracy:.3f}")
+            if report.val_accuracy >= config.target or out_of_time:
+                break
+    bar.close()
+    return model.eval(), processor, report
+
+
+def save_organism(model, processor, out_dir: str | Path, config: OrganismConfig, report: TrainReport,
+                  dtype: torch.dtype = torch.float32) -> Path:
+    """Save a llava-hf checkpoint (safetensors + tokenizer + processor) and ``training.json`` into ``out_dir``."""
+    import json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(dtype).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    info = {"config": {**asdict(config), "tasks": list(config.tasks)}, "report": asdict(report),
+            "torch": torch.__version__}
+    (out_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return out_dir
