@@ -1,0 +1,217 @@
+"""The lmms-eval plugin ``himap_llava`` run through lmms-eval's own evaluator and CLI, offline.
+
+The task is lmms-eval's ``scienceqa_img`` YAML (its prompt, its scorer) included by a local YAML whose dataset is
+a parquet file of synthetic items in the ScienceQA-IMG schema, written here. Runs in the venv made by
+``scripts/setup_lmms.sh``; skipped where lmms_eval is not installed (the core venv).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+lmms_eval = pytest.importorskip("lmms_eval")
+datasets = pytest.importorskip("datasets")
+
+from lmms_eval import evaluator  # noqa: E402
+from lmms_eval.tasks import TaskManager  # noqa: E402
+
+from himap import HiMAP, apply  # noqa: E402
+from himap.costs import prefill_flops_for  # noqa: E402
+from himap.data.demo import ensure_demo  # noqa: E402
+from himap.data.scienceqa import SINGLE_PRED_PROMPT  # noqa: E402
+from himap.data.synthetic import generate  # noqa: E402
+
+TASK, N_ITEMS, MAX_NEW_TOKENS = "himap_sqa_img_local", 4, 8
+SCHEMA_EXTRA = ("task", "grade", "subject", "topic", "category", "skill", "lecture", "solution")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmms")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(root / "hf"),
+                            "LMMS_EVAL_DATASETS_CACHE": str(root / "datasets")}.items():
+            mp.setenv(name, value)
+        yield root
+
+
+@pytest.fixture(scope="module")
+def demo(env):
+    return ensure_demo(env / "demo")
+
+
+@pytest.fixture(scope="module")
+def shape(demo):
+    """(decoder layers, image tokens per image, text config) of the demo checkpoint."""
+    from transformers import AutoConfig
+
+    from himap.costs import image_tokens_for
+
+    config = AutoConfig.from_pretrained(demo.model_dir)
+    return config.text_config.num_hidden_layers, image_tokens_for(config), config.text_config
+
+
+@pytest.fixture(scope="module")
+def himap_args(shape):
+    """A HiMAP setting other than the demo's defaults (n/2 and n/8 kept), so the test sees it is used."""
+    layers, n_img, _ = shape
+    r1 = 4 * n_img // 9
+    return dict(k1=2, r1=r1, k2=min(4, layers - 1), r2=r1 // 4)
+
+
+def as_model_args(params: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in params.items())
+
+
+@pytest.fixture(scope="module")
+def items():
+    return list(generate(N_ITEMS, split="test", seed=1))
+
+
+@pytest.fixture(scope="module")
+def task_dir(env, items):
+    """A folder with the parquet data and a YAML that reuses lmms-eval's scienceqa_img task on it."""
+    folder = env / "tasks"
+    folder.mkdir()
+    rows = {"image": [it.render(168) for it in items], "question": [it.question for it in items],
+            "choices": [list(it.choices) for it in items], "answer": [it.answer for it in items],
+            "hint": [it.context or "" for it in items], **{c: [""] * len(items) for c in SCHEMA_EXTRA}}
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(folder / "test.parquet")
+    sqa = Path(lmms_eval.__file__).parent / "tasks" / "scienceqa" / "scienceqa_img.yaml"
+    (folder / f"{TASK}.yaml").write_text(
+        f"include: {sqa}\ntask: {TASK}\ndataset_path: parquet\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'test.parquet'}\n"
+        f"generation_kwargs:\n  max_new_tokens: {MAX_NEW_TOKENS}\n  temperature: 0\n  do_sample: false\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(task_dir, demo):
+    """``run(model, model_args)`` -> lmms-eval's results dict (with samples), each configuration run once."""
+    manager, cache = TaskManager("WARNING", include_path=str(task_dir)), {}
+
+    def run_(model: str, model_args: str) -> dict:
+        key = (model, model_args)
+        if key not in cache:
+            cache[key] = evaluator.simple_evaluate(
+                model=model, model_args=f"pretrained={demo.model_dir},dtype=float32,{model_args}",
+                tasks=[TASK], task_manager=manager, device="cpu", log_samples=True, bootstrap_iters=0)
+        return cache[key]
+
+    return run_
+
+
+def generations(results: dict) -> list[str]:
+    samples = sorted(results["samples"][TASK], key=lambda s: s["doc_id"])
+    return [s["resps"][0][0] if isinstance(s["resps"][0], list) else s["resps"][0] for s in samples]
+
+
+def test_registered_through_the_entry_point():
+    from himap.integrations.lmms_eval import HimapLlava
+
+    assert lmms_eval.models.get_model("himap_llava") is HimapLlava
+
+
+def test_policy_none_equals_builtin_llava_hf(run):
+    ours, builtin = run("himap_llava", "policy=none"), run("llava_hf", "device_map=cpu")
+    assert generations(ours) == generations(builtin)
+    assert len(generations(ours)) == N_ITEMS and all(generations(ours))
+    assert 0.0 <= ours["results"][TASK]["exact_match,none"] <= 1.0
+    assert ours["throughput"]["avg_himap_flops_kept"] == 1.0
+    assert ours["throughput"]["avg_himap_prefills"] == N_ITEMS
+    assert ours["throughput"]["avg_himap_pruned_prefills"] == 0
+
+
+def reference_generations(demo, items, policy) -> tuple[list[str], list[int]]:
+    """What the pruned model answers without lmms-eval: the task's prompt written out by hand, the processor's
+    chat template, ``himap.apply`` and greedy ``generate``. Also the non-image token count of each prompt."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(demo.model_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(demo.model_dir)
+    texts, n_text = [], []
+    with apply(model, policy):
+        for it in items:
+            prompt = it.human_turn().removeprefix("<image>\n") + "\n" + SINGLE_PRED_PROMPT
+            chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            inputs = processor(images=[it.render(168)], text=text, return_tensors="pt")
+            out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            texts.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+            n_text.append(int((inputs["input_ids"][0] != model.config.image_token_id).sum()))
+    return texts, n_text
+
+
+def test_policy_himap_prunes_and_reports(run, demo, items, shape, himap_args):
+    ours = run("himap_llava", f"policy=himap,{as_model_args(himap_args)}")
+    policy = HiMAP(**himap_args)
+    expected, n_text = reference_generations(demo, items, policy)
+    assert generations(ours) == expected
+    assert 0.0 <= ours["results"][TASK]["exact_match,none"] <= 1.0
+
+    report = ours["throughput"]
+    assert {f"avg_himap_{k}": v for k, v in himap_args.items()}.items() <= report.items()
+    assert report["avg_himap_prefills"] == report["avg_himap_pruned_prefills"] == N_ITEMS
+    layers, n_img, text_config = shape
+    k1, r1, k2, r2 = (himap_args[k] for k in ("k1", "r1", "k2", "r2"))
+    assert report["avg_himap_image_work_kept"] == pytest.approx(
+        (k1 * n_img + (k2 - k1) * r1 + (layers - k2) * r2) / (layers * n_img))
+    reports = [prefill_flops_for(text_config, n_img=n_img, n_text=n, policy=policy) for n in n_text]
+    assert report["avg_himap_flops_kept"] == pytest.approx(
+        sum(r.pruned for r in reports) / sum(r.vanilla for r in reports))
+    assert report["avg_himap_flops_kept"] < 1.0
+
+
+def test_batched_equals_one_at_a_time(run, himap_args):
+    args = as_model_args(himap_args)
+    batched, single = run("himap_llava", f"policy=himap,{args},batch_size=3"), run("himap_llava", f"policy=himap,{args}")
+    assert generations(batched) == generations(single)
+    assert batched["throughput"]["avg_himap_pruned_prefills"] == N_ITEMS
+    assert batched["results"][TASK]["exact_match,none"] == single["results"][TASK]["exact_match,none"]
+
+
+@pytest.mark.parametrize("model_args, message", [
+    ("policy=prune", "unknown policy 'prune'"),
+    ("policy=himap,k1=3,k2=2", "k2 must be > k1"),
+    ("policy=himap,r1=8,r2=16", "r2 must be <= r1"),
+    ("policy=himap,r1={big}", "keeps {big} image tokens but an image has only {n_img}"),
+    ("policy=himap,k2={layers}", "k2={layers} must be < the number of decoder layers"),
+    ("policy=fastv,k=2,r=0", "r must be a positive integer"),
+    ("policy=fastv,k1=2", "policy=fastv takes k, r; got k1=2"),
+    ("policy=himap,r1=2.5", "r1 must be an integer, got 2.5"),
+    ("policy=random,seed=x", "seed must be an integer"),
+    ("policy=none,k=2", "policy=none takes no parameters"),
+    ("polcy=himap", "unknown himap_llava model_args polcy"),
+])
+def test_bad_model_args_raise_one_line(run, shape, model_args, message):
+    layers, n_img, _ = shape
+    model_args, message = (t.format(big=n_img + 1, n_img=n_img, layers=layers) for t in (model_args, message))
+    with pytest.raises(ValueError) as err:
+        run("himap_llava", model_args)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_writes_results_with_the_himap_report(task_dir, demo, env):
+    """The command line the README shows, on the local task: model_args' batch_size beside the CLI's default."""
+    out = env / "out"
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "himap_llava", "--model_args",
+           f"pretrained={demo.model_dir},dtype=float32,policy=himap,batch_size=2", "--tasks", TASK,
+           "--include_path", str(task_dir), "--device", "cpu", "--output_path", str(out), "--limit", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = list(out.rglob("*_results.json"))
+    assert len(files) == 1, proc.stdout[-3000:]
+    results = json.loads(files[0].read_text())
+    assert "exact_match,none" in results["results"][TASK]
+    assert results["config"]["model"] == "himap_llava"
+    demo_policy = demo.himap   # unset k/r: the defaults scaled to the model
+    assert results["throughput"]["avg_himap_r1"] == demo_policy.r1
+    assert results["throughput"]["avg_himap_pruned_prefills"] == 2
+    assert "himap_llava: policy HiMAP(" in proc.stdout + proc.stderr
