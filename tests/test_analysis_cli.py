@@ -75,22 +75,25 @@ def test_saliency_script_on_the_demo(demo_env, tmp_path, monkeypatch):
 
 
 def test_disruption_script_on_the_demo(demo_env, tmp_path):
-    _, env = demo_env
+    demo, env = demo_env
+    n_layers = json.loads((Path(demo.model_dir) / "config.json").read_text())["text_config"]["num_hidden_layers"]
     out = tmp_path / "dis"
-    stdout = run_script("attn_disruption.sh", env, out, "--limit", "2", "--layers", "0,6", "--max-new-tokens", "2",
+    stdout = run_script("attn_disruption.sh", env, out, "--limit", "2", "--layers", "0,1", "--max-new-tokens", "2",
                         "--no-progress")
-    assert "blocked layers k..last, 2 questions" in stdout
+    assert "blocked layers k..last, " in stdout
     assert {"disrupt.json", "disrupt.jsonl", "reference.jsonl", "disrupt.png"} <= {p.name for p in out.iterdir()}
     summary = json.loads((out / "disrupt.json").read_text())
     records = read_jsonl(out / "disrupt.jsonl")
     refs = {r["id"]: r for r in read_jsonl(out / "reference.jsonl")}
-    assert len(records) == 2 * 3 * 2 and summary["flows"]["img2txt"]["start"] == [0, 6]
-    assert summary["flows"]["img2txt"]["stop"] == [8, 8]         # k..last of the 8-layer demo
+    usable = [qid for qid, r in refs.items() if r["label"] is not None]
+    assert summary["n_questions"] == len(usable) >= 1
+    assert len(records) == len(usable) * 3 * 2 and summary["flows"]["img2txt"]["start"] == [0, 1]
+    assert summary["flows"]["img2txt"]["stop"] == [n_layers, n_layers]      # k..last
     for r in records:                                             # metrics recomputed from the raw records
         assert r["label_consistent"] == (refs[r["id"]]["label"] in r["output"])
         assert r["score_consistency"] == jaccard(r["top5"], refs[r["id"]]["top5"])
-    mean = sum(r["score_consistency"] for r in records if r["flow"] == "img2rnd" and r["start"] == 6) / 2
-    assert summary["flows"]["img2rnd"]["score_consistency"][1] == pytest.approx(mean)
+    scores = [r["score_consistency"] for r in records if r["flow"] == "img2rnd" and r["start"] == 1]
+    assert summary["flows"]["img2rnd"]["score_consistency"][1] == pytest.approx(sum(scores) / len(scores))
     assert "img2rnd score" in format_table(summary)
 
 
