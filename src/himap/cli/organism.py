@@ -33,6 +33,17 @@ def register(sub) -> None:
                        help=f"default: {shown}")
     p.set_defaults(run=run_train)
 
+    r = sub.add_parser("organism-report", help="accuracy of an organism checkpoint: vanilla, pruned, img2txt blocked",
+                       description="Evaluates a checkpoint (default: the shipped organism) on held-out synthetic "
+                                   "questions with himap's eval: vanilla, the default HiMAP / FastV / random "
+                                   "policies, and vanilla with image->text attention blocked in every layer.")
+    r.add_argument("--model-path", help="default: the shipped organism")
+    r.add_argument("--output-dir", default="output/organism", help="default: output/organism")
+    r.add_argument("--n-questions", type=int, default=300)
+    r.add_argument("--batch-size", type=int, default=20)
+    r.add_argument("--no-progress", dest="progress", action="store_false")
+    r.set_defaults(run=run_report)
+
 
 def run_train(args: argparse.Namespace) -> int:
     import torch
@@ -45,4 +56,19 @@ def run_train(args: argparse.Namespace) -> int:
     out = save_organism(model, processor, args.output_dir, config, report, dtype=getattr(torch, args.dtype))
     print(f"trained {report.steps} steps in {report.seconds / 60:.1f} min; validation accuracy "
           f"{report.val_accuracy:.1%}; saved to {out}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from ..data.demo import ORGANISM_DIR
+    from ..organism import organism_report
+
+    runs = organism_report(args.model_path or ORGANISM_DIR, args.output_dir, n_questions=args.n_questions,
+                           batch_size=args.batch_size, progress=args.progress)
+    chance = runs.pop("chance")
+    print(f"{'run':<16} {'strict':>7} {'lenient':>8} {'img tokens kept':>16}")
+    for name, s in runs.items():
+        print(f"{name:<16} {s['accuracy']['strict']:>7.1%} {s['accuracy']['lenient']:>8.1%} "
+              f"{str(s['image_tokens']['kept'] or s['image_tokens']['n_img']):>16}")
+    print(f"chance {chance:.1%} over {runs['none']['n']} held-out questions; files in {args.output_dir}")
     return 0

@@ -189,30 +189,50 @@ def _bars(rng):
     return f"Which bar is the {'tallest' if tallest else 'shortest'}?", opts, ans, marks, "bars"
 
 
+# ``fixed_options``: every question of a task lists the same options in the same order (at most five)
+FIXED_OPTIONS = {"color": tuple(COLORS)[:5], "shape": SHAPES, "position": tuple(REGIONS), "count": NUMBERS[:5]}
+
+
+def _fixed(rng: random.Random, task: str):
+    """A question of ``task`` re-listed with :data:`FIXED_OPTIONS` (redrawn until its answer is among them)."""
+    while True:
+        question, choices, answer, marks, family = _MAKERS[task](rng)
+        if choices[answer] in FIXED_OPTIONS[task]:
+            pool = FIXED_OPTIONS[task]
+            return question, pool, pool.index(choices[answer]), marks, family
+
+
 _MAKERS = {"color": _color, "shape": _shape_task, "position": _position, "count": _count,
            "relation": _relation, "bars": _bars}
 
 
-def generate(n: int, split: str = "test", seed: int = 0, tasks: Sequence[str] = TASKS) -> Iterator[Item]:
-    """``n`` items of ``split`` drawn with ``seed``; tasks cycle in the given order, so every task is covered."""
+def generate(n: int, split: str = "test", seed: int = 0, tasks: Sequence[str] = TASKS, *,
+             fixed_options: bool = False) -> Iterator[Item]:
+    """``n`` items of ``split`` drawn with ``seed``; tasks cycle in the given order, so every task is covered.
+
+    ``fixed_options``: each task always lists the same options in the same order (:data:`FIXED_OPTIONS`), so the
+    letter is a function of the image alone (the easier setting the model organism is trained on)."""
     unknown = [t for t in tasks if t not in _MAKERS]
     if unknown or not tasks:
         raise ValueError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
+    if fixed_options and (bad := [t for t in tasks if t not in FIXED_OPTIONS]):
+        raise ValueError(f"tasks {bad} have no fixed option list; choose from {', '.join(FIXED_OPTIONS)}")
     rng = random.Random(f"himap-synthetic/{split}/{seed}")
     for i in range(n):
         task = tasks[i % len(tasks)]
-        question, choices, answer, marks, family = _MAKERS[task](rng)
+        make = (lambda r, t=task: _fixed(r, t)) if fixed_options else _MAKERS[task]
+        question, choices, answer, marks, family = make(rng)
         context = rng.choice(CONTEXTS[family]) if rng.random() < CONTEXT_RATE else None
         yield Item(f"{split}-{seed}-{i:05d}", task, question, choices, answer, marks, context)
 
 
 def write_questions(out_dir: str | Path, n: int, split: str = "test", seed: int = 0, *,
-                    image_size: int = 168, tasks: Sequence[str] = TASKS) -> Path:
+                    image_size: int = 168, tasks: Sequence[str] = TASKS, fixed_options: bool = False) -> Path:
     """Write ``n`` questions to ``out_dir/{split}.json`` (the himap question format) and their images to
     ``out_dir/images/<id>/image.png``; returns the question file. The image folder is ``out_dir / "images"``."""
     out_dir = Path(out_dir)
     records = []
-    for item in generate(n, split, seed, tasks):
+    for item in generate(n, split, seed, tasks, fixed_options=fixed_options):
         path = out_dir / "images" / item.id / "image.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         item.render(image_size).save(path)
