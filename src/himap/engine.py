@@ -25,11 +25,9 @@ import torch
 from torch import nn
 
 from . import hooks
-from .models import decoder_layers, multimodal_model
+from .models import decoder_layers
 from .policies import Policy, Stage, random_kept, top_kept
-from .spans import find_spans
-
-PAD, SYS, IMG, TXT, OTHER = range(5)
+from .spans import IMG, PAD, TXT, group_codes, on_model_inputs
 
 
 @dataclass
@@ -42,15 +40,6 @@ class _Episode:
     local: list = field(default_factory=list)   # per resolved stage: (B, N_s) positions in the previous stage
     prefill: bool = True
     gathered: dict = field(default_factory=dict)  # (stage, name) -> (stock object, restricted object)
-
-
-def _groups(input_ids: torch.Tensor, image_token_id: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    groups = torch.full_like(input_ids, OTHER)
-    for b, span in enumerate(find_spans(input_ids, image_token_id, attention_mask)):
-        groups[b, span.sys], groups[b, span.img], groups[b, span.txt] = SYS, IMG, TXT
-    if attention_mask is not None:
-        groups[attention_mask == 0] = PAD
-    return groups
 
 
 class Pruner:
@@ -69,7 +58,7 @@ class Pruner:
         first = self.stages[0].layer
         scorers = {s.layer - 1: [_Scorer(self, i)] for i, s in enumerate(self.stages) if s.query != "random"}
         self._handles = [
-            multimodal_model(model).register_forward_pre_hook(self._on_model, with_kwargs=True),
+            on_model_inputs(model, self._on_inputs),
             *(layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True)
               for i in range(first, len(layers))),
             hooks.attach(layers, scorers),
@@ -89,20 +78,14 @@ class Pruner:
         self.remove()
 
     # -- 1. episodes -----------------------------------------------------------------------------------------
-    def _on_model(self, module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None and cache.get_seq_length() > 0:
-            if self._episode is not None:
-                self._episode.prefill = False
-            return None
-        if input_ids is None:
-            raise ValueError("himap needs input_ids to find the image tokens; inputs_embeds alone is not supported")
-        self._episode = self._start(input_ids, kwargs.get("attention_mask"))
-        return None
+    def _on_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prefill: bool) -> None:
+        if prefill:
+            self._episode = self._start(input_ids, attention_mask)
+        elif self._episode is not None:
+            self._episode.prefill = False
 
     def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _Episode | None:
-        groups = _groups(input_ids, self.image_token_id, attention_mask)
+        groups = group_codes(input_ids, self.image_token_id, attention_mask)
         counts = (groups == IMG).sum(1).tolist()
         self.kept = ()
         if max(counts) == 0:
@@ -212,7 +195,7 @@ class _Scorer(hooks.AttentionHook):
                 rows = (groups == TXT).nonzero().squeeze(1)
             elif stage.query == "image":
                 rows = img
-            else:  # "last": the last real token
+            else:  # "last": the last token that is not padding
                 rows = (groups != PAD).nonzero()[-1]
             mask_b = None if mask is None else mask[b:b + 1] if mask.shape[0] > 1 else mask
             probs = hooks.attention_probs(module, query[b:b + 1], key[b:b + 1], mask_b, rows)  # (1, H, R, K)

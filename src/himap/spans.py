@@ -8,11 +8,17 @@ text between two images belongs to no group (pruning keeps it; it does not vote)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from .models import multimodal_model
 
 GROUPS = ("sys", "img", "txt")
+SYS, IMG, TXT = range(len(GROUPS))
+PAD = -1  # padding, and text between two images: no group
 
 
 @dataclass(frozen=True)
@@ -61,3 +67,29 @@ def find_spans(input_ids: torch.Tensor, image_token_id: int,
         before, after = pos < img[0], pos > img[-1]
         spans.append(Spans(len(ids), pos[ok & before], img, pos[ok & after & ~is_img]))
     return spans
+
+
+def group_codes(input_ids: torch.Tensor, image_token_id: int,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) long: the group of every position (``SYS``/``IMG``/``TXT``), ``PAD`` for padding."""
+    codes = torch.full(input_ids.shape, PAD, dtype=torch.long, device=input_ids.device)
+    for b, span in enumerate(find_spans(input_ids, image_token_id, attention_mask)):
+        for code, name in enumerate(GROUPS):
+            codes[b, span.group(name)] = code
+    return codes
+
+
+def on_model_inputs(model: nn.Module, callback: Callable[[torch.Tensor, torch.Tensor | None, bool], None]):
+    """Call ``callback(input_ids, attention_mask, prefill)`` before every forward of the multimodal model (the
+    decoder only sees embeddings, so the ids are captured one level up); ``prefill`` is False for KV-cached decode
+    steps. Returns the removable hook handle."""
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        prefill = cache is None or cache.get_seq_length() == 0
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None and prefill:
+            raise ValueError("himap needs input_ids to find the image tokens; inputs_embeds alone is not supported")
+        callback(input_ids, kwargs.get("attention_mask"), prefill)
+
+    return multimodal_model(model).register_forward_pre_hook(hook, with_kwargs=True)

@@ -27,8 +27,8 @@ from torch import nn
 from .. import hooks
 from ..engine import _ACTIVE
 from ..models import decoder_layers
-from ..spans import GROUPS
-from .groups import PAD, SYS, group_codes, on_model_inputs, require_images
+from ..spans import GROUPS, PAD, SYS, group_codes, on_model_inputs
+from .groups import require_images
 
 ROW_GROUPS = (*GROUPS, "rnd")
 

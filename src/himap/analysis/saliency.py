@@ -24,7 +24,8 @@ from torch import nn
 from .. import hooks
 from ..engine import _ACTIVE
 from ..models import decoder_layers
-from .groups import IMG, TXT, group_codes, group_onehot, require_images
+from ..spans import IMG, TXT, group_codes
+from .groups import group_onehot, require_images
 
 FORMS = ("attn_grad", "original")
 
