@@ -1,10 +1,13 @@
 """The embedded default: a tiny LLaVA checkpoint and a synthetic question set, built once, offline.
 
-``ensure_demo()`` returns the paths of a llava-hf checkpoint (CLIP-style tower, LLaMA decoder, random weights
-with sharpened attention, a byte-level BPE tokenizer trained on the synthetic generator's vocabulary, the
-vicuna_v1 chat template and a ``LlavaProcessor``) and of ~40 synthetic test questions with their images, plus
-the default pruning policies for that model. The model's answers are noise (it is untrained); it exists so that
-every command runs end to end with no GPU and no download.
+``ensure_demo()`` returns the paths of a llava-hf checkpoint (CLIP-style tower, LLaMA decoder, a byte-level BPE
+tokenizer trained on the synthetic generator's vocabulary, the vicuna_v1 chat template and a ``LlavaProcessor``)
+and of ~40 held-out synthetic test questions with their images, plus the default pruning policies for that model.
+
+By default the checkpoint is the *model organism* shipped in ``himap/data/organism/`` (trained on CPU by
+``himap train-organism``, see :mod:`himap.organism`): its answers depend on the image, so accuracy, saliency and
+disruption on the demo mean something. ``ensure_demo(random_weights=True)`` builds the older random-weight model
+(8 layers, 144 image tokens, sharpened attention) for tests that need an untrained one.
 
 The build is idempotent and atomic: it happens in a temporary folder that is renamed into place, so a killed
 build or two concurrent builds never leave a half-written demo behind.
@@ -21,11 +24,12 @@ from pathlib import Path
 
 from ..policies import FastV, HiMAP, RandomPrune
 from .scienceqa import CONV_TEMPLATES
-from .synthetic import corpus, write_questions
+from .synthetic import TASKS, corpus, write_questions
 
 log = logging.getLogger(__name__)
 
-VERSION = 1            # bump when the recipe below changes: a new version builds beside the old one
+VERSION = 2            # bump when the recipe below changes: a new version builds beside the old one
+ORGANISM_DIR = Path(__file__).parent / "organism"     # the shipped trained checkpoint
 IMAGE_SIZE, PATCH_SIZE = 168, 14     # 12 x 12 = 144 image tokens
 LAYERS, HIDDEN, HEADS = 8, 128, 4
 N_QUESTIONS, SEED, QK_SCALE = 40, 0, 6.0
@@ -80,16 +84,19 @@ def demo_root(cache_dir: str | Path | None = None) -> Path:
     return Path.home() / ".cache" / "himap" / "demo"
 
 
-def ensure_demo(cache_dir: str | Path | None = None) -> Demo:
-    """The demo checkpoint and questions, built on first use (a few seconds) and reused afterwards."""
-    final = demo_root(cache_dir) / f"v{VERSION}"
+def ensure_demo(cache_dir: str | Path | None = None, *, random_weights: bool = False) -> Demo:
+    """The demo checkpoint and questions, built on first use (a few seconds) and reused afterwards.
+
+    The checkpoint is the shipped model organism, or with ``random_weights`` the random-weight tiny model."""
+    shape = _random_shape() if random_weights else _organism_shape()
+    final = demo_root(cache_dir) / (f"v{VERSION}-random" if random_weights else f"v{VERSION}")
     if not (final / "DONE").is_file():
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
         tmp.chmod(0o755)
         try:
             log.info("building the himap demo in %s", final)
-            _build(tmp)
+            _build(tmp, random_weights, shape)
             (tmp / "DONE").write_text("ok\n")
             try:
                 tmp.rename(final)
@@ -98,13 +105,38 @@ def ensure_demo(cache_dir: str | Path | None = None) -> Demo:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    n_img = (IMAGE_SIZE // PATCH_SIZE) ** 2
+    n_img = (shape["image_size"] // shape["patch_size"]) ** 2
     return Demo(model_dir=final / "model", question_file=final / "data" / "test.json",
-                image_folder=final / "data" / "images", **default_policies(LAYERS, n_img, SEED))
+                image_folder=final / "data" / "images", **default_policies(shape["layers"], n_img, SEED))
 
 
-def _build(root: Path) -> None:
-    write_questions(root / "data", N_QUESTIONS, split="test", seed=SEED, image_size=IMAGE_SIZE)
+def _random_shape() -> dict:
+    return {"layers": LAYERS, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "tasks": TASKS,
+            "fixed_options": False}
+
+
+def _organism_shape() -> dict:
+    """Layers, image size, patch size, training tasks and option layout of the shipped organism (its files)."""
+    import json
+
+    try:
+        config = json.loads((ORGANISM_DIR / "config.json").read_text())
+        trained = json.loads((ORGANISM_DIR / "training.json").read_text())["config"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"the shipped organism checkpoint in {ORGANISM_DIR} is missing or broken ({err}); "
+                         "reinstall himap or rebuild it with 'himap train-organism'") from err
+    vision = config["vision_config"]
+    return {"layers": config["text_config"]["num_hidden_layers"], "image_size": vision["image_size"],
+            "patch_size": vision["patch_size"], "tasks": tuple(trained["tasks"]),
+            "fixed_options": bool(trained.get("fixed_options", False))}
+
+
+def _build(root: Path, random_weights: bool, shape: dict) -> None:
+    write_questions(root / "data", N_QUESTIONS, split="test", seed=SEED, image_size=shape["image_size"],
+                    tasks=shape["tasks"], fixed_options=shape["fixed_options"])
+    if not random_weights:
+        shutil.copytree(ORGANISM_DIR, root / "model", ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+        return
     processor = build_processor()
     model = build_model(processor.tokenizer)
     model.save_pretrained(root / "model")

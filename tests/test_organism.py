@@ -1,0 +1,105 @@
+"""The model organism: the shipped trained tiny LLaVA answers from the image (checks a random model cannot pass),
+and the trainer learns and is reproducible."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import himap
+from himap.data.demo import ORGANISM_DIR, default_policies, ensure_demo
+from himap.data.scienceqa import load_questions
+from himap.evaluation import image_token_count, predict
+from himap.organism import OrganismConfig, answer_loss, build_organism, encode_items, save_organism, train_organism
+from himap.results import option_letters
+
+N_SLICE = 40
+
+
+@pytest.fixture(scope="module")
+def organism(tmp_path_factory):
+    """The shipped organism (float32, 1 thread) and a 40-question held-out slice (the demo's questions)."""
+    from himap.loading import load_llava
+
+    torch.set_num_threads(1)
+    demo = ensure_demo(tmp_path_factory.mktemp("organism-cache"))
+    model, processor = load_llava(str(ORGANISM_DIR), device="cpu", dtype="float32")
+    questions = load_questions(demo.question_file)[:N_SLICE]
+    return model, processor, questions, demo
+
+
+def _answers(model, processor, questions, folder, policy=None) -> list[dict]:
+    return list(predict(model, processor, questions, folder, policy=policy, batch_size=20, max_new_tokens=3,
+                        warmup=False, progress=False))
+
+
+def _chance(questions) -> float:
+    return sum(1 / len(option_letters(q.text)) for q in questions) / len(questions)
+
+
+def test_demo_uses_the_shipped_organism(organism):
+    model, _, _, demo = organism
+    shipped = {p.name: p.read_bytes() for p in ORGANISM_DIR.glob("*.safetensors")}
+    assert shipped and all((demo.model_dir / name).read_bytes() == data for name, data in shipped.items())
+    n_img = image_token_count(model.config)
+    assert demo.policies == default_policies(model.config.text_config.num_hidden_layers, n_img)
+
+
+def test_vanilla_answers_the_held_out_slice(organism):
+    model, processor, questions, demo = organism
+    records = _answers(model, processor, questions, demo.image_folder)
+    strict = sum(r["correct"] for r in records) / len(records)
+    assert strict >= 0.85, f"vanilla accuracy {strict:.2f} on {len(records)} held-out questions"
+    assert strict >= _chance(questions) + 0.4
+
+
+def test_blocking_image_to_text_flow_falls_to_chance(organism):
+    """With text rows unable to read image columns in every layer the model cannot see the image."""
+    model, processor, questions, demo = organism
+    n = model.config.text_config.num_hidden_layers
+    with himap.knockout(model, "img2txt", layers=range(n)):
+        records = _answers(model, processor, questions, demo.image_folder)
+    acc = sum(r["correct_lenient"] for r in records) / len(records)
+    assert abs(acc - _chance(questions)) <= 0.2, f"blocked accuracy {acc:.2f}, chance {_chance(questions):.2f}"
+
+
+def test_himap_keeping_every_image_token_equals_vanilla(organism):
+    model, processor, questions, demo = organism
+    n_img = image_token_count(model.config)
+    keep_all = himap.HiMAP(k1=2, r1=n_img, k2=3, r2=n_img)
+    vanilla = _answers(model, processor, questions[:20], demo.image_folder)
+    pruned = _answers(model, processor, questions[:20], demo.image_folder, policy=keep_all)
+    assert [r["output"] for r in pruned] == [r["output"] for r in vanilla]
+    assert all(r["kept"] == [n_img, n_img] for r in pruned)
+
+
+TINY = dict(layers=2, hidden=32, heads=2, vision_hidden=32, vision_layers=2, image_size=56, batch_size=8,
+            lr=3e-3, warmup=2, max_steps=12, eval_every=12, n_val=8, threads=1, tasks=("color",))
+
+
+def test_training_lowers_the_answer_loss_and_is_reproducible(tmp_path):
+    from himap.data.synthetic import generate
+    from himap.loading import load_llava
+
+    config = OrganismConfig(**TINY)
+    model, processor, report = train_organism(config, progress=False)
+    probe = encode_items(list(generate(16, "train", 0, config.tasks)), processor, config.image_size)
+    fresh, _ = build_organism(config)                                   # the same seeded init
+    with torch.no_grad():
+        assert answer_loss(model, probe) < answer_loss(fresh, probe) - 0.5
+    assert report.steps == 12 and len(report.history) == 1
+    again, _, _ = train_organism(config, progress=False)
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    out = save_organism(model, processor, tmp_path / "ckpt", config, report)
+    loaded, _ = load_llava(str(out), device="cpu", dtype="float32")
+    with torch.no_grad():
+        assert torch.equal(answer_loss(loaded, probe), answer_loss(model, probe))
+    assert (Path(out) / "training.json").is_file()
+
+
+def test_bad_config_is_one_clear_error():
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        OrganismConfig(image_size=90)
+    with pytest.raises(ValueError, match="unknown tasks"):
+        OrganismConfig(tasks=("color", "smell"))
