@@ -20,7 +20,7 @@ DETERMINISTIC = ("id", "output", "pred", "answer", "correct", "correct_lenient",
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    # a 128-wide model gains nothing from intra-op threads, and they stall on a busy CI machine
+    # a 96-wide model gains nothing from intra-op threads, and they stall on a busy CI machine
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -52,19 +52,19 @@ def test_vanilla_and_himap_runs_write_documented_fields(run, demo, tmp_path):
     for summary, records in ((vanilla, v_records), (pruned, h_records)):
         assert [r["id"] for r in records] == [q.id for q in read_questions(demo.question_file, LIMIT)]
         assert all(list(r) == list(RECORD_FIELDS) for r in records)
-        assert all(r["error"] is None and r["n_img"] == 144 and r["prefill_s"] <= r["total_s"] for r in records)
+        assert all(r["error"] is None and r["n_img"] == 36 and r["prefill_s"] <= r["total_s"] for r in records)
         assert summary["n"] == LIMIT and summary["n_errors"] == 0
         assert summary["accuracy"]["strict"] == sum(r["correct"] for r in records) / LIMIT
         assert set(summary["latency"]) == {"device", "prefill_s", "total_s"} and "cpu" in summary["latency"]["device"]
-        assert summary["latency"]["total_s"]["mean"] > 0 and summary["config"]["model_shape"]["num_hidden_layers"] == 8
+        assert summary["latency"]["total_s"]["mean"] > 0 and summary["config"]["model_shape"]["num_hidden_layers"] == 4
         assert json.loads((tmp_path / summary["config"]["output_dir"] / "summary.json").read_text()) == summary
     assert vanilla["config"]["policy"] == {"name": "none"} and all(r["kept"] == [] for r in v_records)
-    assert pruned["config"]["policy"] == {"name": "himap", "k1": 2, "r1": 72, "k2": 3, "r2": 18}
-    assert all(r["kept"] == [72, 18] for r in h_records)
+    assert pruned["config"]["policy"] == {"name": "himap", "k1": 2, "r1": 18, "k2": 3, "r2": 4}
+    assert all(r["kept"] == [18, 4] for r in h_records)
     assert vanilla["flops"]["image_work_kept"] == vanilla["flops"]["flops_kept"] == 1.0
-    assert pruned["flops"]["image_work_kept"] == pytest.approx((2 * 144 + 1 * 72 + 5 * 18) / (8 * 144))
-    n, d, m = 144 + pruned["flops"]["n_text_mean"], 128, 256
-    assert pruned["flops"]["vanilla"] == 8 * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+    assert pruned["flops"]["image_work_kept"] == pytest.approx((2 * 36 + 1 * 18 + 1 * 4) / (4 * 36))
+    n, d, m = 36 + pruned["flops"]["n_text_mean"], 96, 192
+    assert pruned["flops"]["vanilla"] == 4 * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
     assert pruned["flops"]["flops_kept"] < pruned["flops"]["image_work_kept"] + 0.3
 
 
@@ -130,7 +130,7 @@ def test_batched_left_padding_matches_one_by_one(demo, demo_model):
     assert [r["output"] for r in batched] == [r["output"] for r in one]
     pruned = list(predict(model, processor, questions, demo.image_folder, max_new_tokens=TOKENS, batch_size=3,
                           policy=demo.himap, progress=False))
-    assert all(r["kept"] == [72, 18] and r["batch"] == 3 for r in pruned)
+    assert all(r["kept"] == [18, 4] and r["batch"] == 3 for r in pruned)
 
 
 def test_parse_answer_strict_and_lenient():
@@ -146,7 +146,7 @@ def test_declared_layout_mismatch_warns_once(run, caplog):
     with caplog.at_level(logging.WARNING, logger="himap.evaluation"):
         run("layout", sys_length=35, img_length=576)
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 2 and "--sys-length 35" in warnings[0] and "(144)" in warnings[1]
+    assert len(warnings) == 2 and "--sys-length 35" in warnings[0] and "(36)" in warnings[1]
 
 
 def test_write_vanilla_correct(demo, demo_model, tmp_path):
@@ -154,8 +154,10 @@ def test_write_vanilla_correct(demo, demo_model, tmp_path):
     records = json.loads(demo.question_file.read_text())[:4]
     outputs = list(predict(model, processor, read_questions(demo.question_file, 4), demo.image_folder,
                            max_new_tokens=TOKENS, progress=False))
-    for r, o in zip(records[:2], outputs):  # make the (random) model "right" on the first two
+    for r, o in zip(records[:2], outputs):  # make the model "right" on the first two
         r["conversations"][1]["value"] = o["output"]
+    for r, o in zip(records[2:], outputs[2:]):  # and "wrong" on the others
+        r["conversations"][1]["value"] = "B" if o["output"] == "A" else "A"
     questions = tmp_path / "q.json"
     questions.write_text(json.dumps(records))
     out = write_vanilla_correct(model, processor, questions, demo.image_folder, tmp_path / "vc.json",
@@ -176,13 +178,13 @@ def test_cli_eval_defaults_to_the_demo_and_prints_a_table(demo, tmp_path, monkey
     monkeypatch.setenv("HIMAP_CACHE", str(demo.model_dir.parent.parent.parent))
     argv = ["eval", "--output-dir", str(tmp_path / "cli"), "--limit", "2", "--max-new-tokens", "2", "--no-progress",
             "--use-hmap-v", "--hmap-v-attn-txt-layer", "2", "--hmap-v-attn-txt-rank", "36",
-            "--hmap-v-attn-img-layer", "4", "--hmap-v-attn-img-rank", "9", "--single-pred-prompt",
+            "--hmap-v-attn-img-layer", "3", "--hmap-v-attn-img-rank", "9", "--single-pred-prompt",
             "--conv-mode", "vicuna_v1", "--temperature", "0"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "acc strict" in out and "FLOPs kept" in out
     summary = json.loads((tmp_path / "cli/summary.json").read_text())
-    assert summary["config"]["policy"] == {"name": "himap", "k1": 2, "r1": 36, "k2": 4, "r2": 9}
+    assert summary["config"]["policy"] == {"name": "himap", "k1": 2, "r1": 36, "k2": 3, "r2": 9}
     assert summary["config"]["model"] == str(demo.model_dir) and summary["image_tokens"]["kept"] == [36, 9]
     assert main(["table", str(tmp_path / "cli")]) == 0 and str(tmp_path / "cli") in capsys.readouterr().out
 
@@ -246,10 +248,10 @@ def test_image_token_mismatch_stops_with_a_clear_error(demo, demo_model, tmp_pat
 
     model, processor = demo_model
     wrong = copy.deepcopy(processor)
-    wrong.patch_size = 28                                     # expands <image> to 36 placeholders, not 144
+    wrong.patch_size = 28                                     # expands <image> to 9 placeholders, not 36
     cfg = EvalConfig(model_path=str(demo.model_dir), question_file=str(demo.question_file),
                      image_folder=str(demo.image_folder), output_dir=str(tmp_path / "x"), limit=2, progress=False)
-    with pytest.raises(ValueError, match="expands <image> to 36 tokens but the model makes 144"):
+    with pytest.raises(ValueError, match="expands <image> to 9 tokens but the model makes 36"):
         evaluate(cfg, model, wrong)
 
 
