@@ -3,8 +3,8 @@
 # vanilla-correct questions, swept over the first blocked layer, as the original src/HiMAP/validate/attn_disruption.sh
 # (which runs one flow and one layer per call).
 #
-#   bash scripts/attn_disruption.sh                  # the embedded demo (its untrained model gets few questions
-#                                                    # right, so it compares with its own unblocked answers)
+#   bash scripts/attn_disruption.sh                  # the embedded demo (the trained organism; --all-questions
+#                                                    # keeps the few it gets wrong, with its own answer as the label)
 #   MODEL_PATH=llava-hf/llava-1.5-13b-hf DATA_DIR=data/scienceqa bash scripts/attn_disruption.sh
 #   ... bash scripts/attn_disruption.sh --isolate-modality img2txt --isolate-layer 5   # one run of the original
 #

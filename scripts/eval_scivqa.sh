@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ScienceQA, vanilla vs HiMAP, as the original src/HiMAP/inference/eval_scivqa.sh runs it.
 #
-#   bash scripts/eval_scivqa.sh                     # the embedded demo: tiny random LLaVA, synthetic questions, CPU
+#   bash scripts/eval_scivqa.sh                     # the embedded demo: the tiny trained organism, synthetic questions, CPU
 #   MODEL_PATH=llava-hf/llava-1.5-13b-hf DATA_DIR=data/scienceqa bash scripts/eval_scivqa.sh
 #                                                   # the paper's setting: K1=2 R1=288 K2=8 R2=72
 #
@@ -47,5 +47,5 @@ for policy in $POLICIES; do
 done
 echo
 "$PY" -m himap table "${dirs[@]}"
-[ -n "${MODEL_PATH:-}" ] || echo "(the demo model has random weights: its answers are noise; the run shows the pipeline," \
-    "the kept image tokens, the FLOPs ratios and the prefill time)"
+[ -n "${MODEL_PATH:-}" ] || echo "(the demo model is the tiny organism trained on synthetic questions" \
+    "(output_example/organism.md); the run shows accuracy, the kept image tokens, the FLOPs ratios and the prefill time)"

@@ -2,7 +2,7 @@
 # Attention x gradient saliency of system / image / instruction tokens per layer, and the paper's two figures
 # (token importance, intra-visual vs visual-textual flow), as the original src/HiMAP/analysis/saliency_scivqa.sh.
 #
-#   bash scripts/saliency_scivqa.sh                  # the embedded demo: tiny random LLaVA, synthetic questions, CPU
+#   bash scripts/saliency_scivqa.sh                  # the embedded demo: the tiny trained organism, synthetic questions, CPU
 #   MODEL_PATH=llava-hf/llava-1.5-7b-hf DATA_DIR=data/scienceqa bash scripts/saliency_scivqa.sh
 #
 # DATA_DIR holds himap-inference-MCQ.json and images/test/<id>/image.png. FORM: attn_grad (|A*dL/dA|, the paper,
