@@ -15,7 +15,7 @@ if [[ -f ../shared/data/tokenizers/llama-spm.gguf ]]; then
     layout+=(--questions ../shared/data/scienceqa/himap-inference-MCQ.json)
 fi
 machine="$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM"
-flags=$(grep -o -w -E 'avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')
+flags=$( (grep -o -w -E 'avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo || true) | sort -u | tr '\n' ' ')
 start=$(date +%s)
 .venv/bin/himap bench --preset llava-1.5-7b --layers "$LAYERS" --dtype "$DTYPE" --device cpu \
   --repeats "${REPEATS:-5}" --warmup 1 --gen-repeats "${GEN_REPEATS:-1}" \

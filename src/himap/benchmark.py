@@ -301,7 +301,8 @@ def _blocks(model: nn.Module, inputs: dict, s: Settings) -> list[tuple[str, int,
                   ("profile", s.profile_repeats or s.repeats, lambda p: measure_prefill(model, inputs, p))]
     else:
         blocks = [("prefill", s.repeats, lambda p: _unprofiled(measure_prefill(model, inputs, p)))]
-    for n in s.new_tokens:
+    # a no-cache length is also timed with the cache, so that the gain of caching compares like with like
+    for n in sorted(set(s.new_tokens) | set(s.nocache_tokens)):
         blocks.append((f"e2e_{n}", gen, lambda p, n=n: {f"e2e_{n}": time_generate(model, inputs, p, n, True)}))
     for n in s.nocache_tokens:
         blocks.append((f"nocache_{n}", gen,

@@ -4,6 +4,7 @@ pruning engine's own work, peak memory (CUDA allocator or sampled CPU RSS), KV-c
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import statistics
 import threading
@@ -91,44 +92,66 @@ def pruning_clock(pruner: engine.Pruner, sync: Callable[[], None]) -> Iterator[_
             delattr(obj, attr)
 
 
-class _RssPeak:
-    """Peak resident-set growth over a block, sampled every ``interval`` s from /proc (Linux; else None).
-    Approximate: the allocator may reuse memory freed before the block, and short peaks can be missed."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    def __init__(self, interval: float = 0.005):
+
+def _heap_reader() -> tuple[Callable[[], int] | None, str]:
+    """A function giving the process's CPU memory in use, and its name: glibc's ``mallinfo2`` (bytes handed out
+    by malloc, arena + mmapped: exact live allocations, torch's CPU tensors included), else RSS from /proc."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+        fn.restype = _MallInfo2
+
+        def in_use() -> int:
+            info = fn()
+            return info.uordblks + info.hblkhd
+        in_use()
+        return in_use, "malloc'd bytes (glibc mallinfo2)"
+    except (OSError, AttributeError):
+        pass
+    if not os.path.exists("/proc/self/statm"):
+        return None, "unavailable"
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+    return rss, "RSS (approximate: the allocator reuses freed memory)"
+
+
+class _CpuPeak:
+    """Peak growth of CPU memory in use over a block, sampled every ``interval`` s in a thread (short peaks
+    between two samples can be missed; a prefill's per-layer peaks last far longer)."""
+
+    def __init__(self, interval: float = 0.002):
         self.interval, self.growth = interval, None
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.read, self.source = _heap_reader()
 
-    def _rss(self) -> int | None:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page
-        except OSError:
-            return None
-
-    def __enter__(self) -> "_RssPeak":
-        self._base = self._peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        if self._base is not None:
+    def __enter__(self) -> "_CpuPeak":
+        if self.read is not None:
+            self._base = self._peak = self.read()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
             self._thread.start()
         return self
 
     def _poll(self) -> None:
         while not self._stop.wait(self.interval):
-            self._peak = max(self._peak, self._rss())
+            self._peak = max(self._peak, self.read())
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._base is not None:
+        if self.read is not None:
+            self._stop.set()
             self._thread.join()
-            self.growth = max(self._peak, self._rss()) - self._base
+            self.growth = max(self._peak, self.read()) - self._base
 
 
 @contextlib.contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict]:
-    """``{"bytes", "kind"}`` after the block: CUDA max_memory_allocated above the allocation at entry, or on CPU
-    the sampled RSS growth (approximate)."""
+    """``{"bytes", "kind"}`` after the block: the peak memory in use above the amount at entry. CUDA:
+    ``max_memory_allocated``; CPU: sampled malloc'd bytes (or RSS where glibc's ``mallinfo2`` is missing)."""
     out: dict = {}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -138,9 +161,10 @@ def peak_memory(device: torch.device) -> Iterator[dict]:
         torch.cuda.synchronize(device)
         out.update(bytes=torch.cuda.max_memory_allocated(device) - base, kind="cuda max_memory_allocated - at start")
         return
-    with _RssPeak() as rss:
+    with _CpuPeak() as peak:
         yield out
-    out.update(bytes=rss.growth, kind=f"cpu RSS growth, sampled every {rss.interval * 1e3:.0f} ms (approximate)")
+    out.update(bytes=peak.growth,
+               kind=f"cpu {peak.source}, peak - at start, sampled every {peak.interval * 1e3:.0f} ms")
 
 
 def kv_cache_bytes(cache) -> int:
