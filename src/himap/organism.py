@@ -192,6 +192,7 @@ def _lr(config: OrganismConfig, step: int) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+@torch.enable_grad()       # callers (and earlier tests) may have turned autograd off globally
 def train_organism(config: OrganismConfig, model=None, processor=None, progress: bool = True):
     """Train (a fresh model of ``config``, or the given one) until validation accuracy reaches ``config.target``,
     ``max_steps`` or ``max_minutes``; returns ``(model, processor, TrainReport)``."""
@@ -233,7 +234,8 @@ def train_organism(config: OrganismConfig, model=None, processor=None, progress:
                                    "val_accuracy": round(report.val_accuracy, 4),
                                    "seconds": round(report.seconds, 1)})
             log.info("step %d loss %.3f val %.3f", step + 1, running, report.val_accuracy)
-            bar.write(f"step {step + 1} loss {running:.3f} val_accuracy {report.val_accuracy:.3f}")
+            if progress:
+                bar.write(f"step {step + 1} loss {running:.3f} val_accuracy {report.val_accuracy:.3f}")
             if report.val_accuracy >= config.target or out_of_time:
                 break
     bar.close()
