@@ -12,6 +12,7 @@ Figures are drawn on a bare Agg canvas (no pyplot state, no display needed).
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ def _bars(values: np.ndarray, labels, colors, title: str, ylabel: str, path: Pat
     ax.set_xlabel("Decoder layer", fontsize=12)
     ax.set_ylabel(ylabel, fontsize=12)
     ax.set_ylim(0, 1.08)
-    ax.set_title(title, fontsize=12)
+    ax.set_title(textwrap.fill(title, 70), fontsize=12)  # long titles would be cut at the figure edge
     ax.legend(fontsize=10, loc="upper right", frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
