@@ -13,7 +13,8 @@ GROUPS = ("eval", "costs", "convert", "data", "analysis", "bench", "organism")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="himap", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="himap", description="See and cut the visual information flow inside LLaVA-style multimodal LLMs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in GROUPS:
         importlib.import_module(f"{__name__}.{name}").register(sub)
