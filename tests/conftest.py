@@ -62,3 +62,10 @@ def demo_model(demo):
     from himap.loading import load_llava
 
     return load_llava(str(demo.model_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def no_grad():
+    """Inference without autograd, for one test (module-wide ``torch.set_grad_enabled`` would leak)."""
+    with torch.no_grad():
+        yield

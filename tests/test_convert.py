@@ -16,7 +16,7 @@ from himap.convert import convert
 from himap.data.scienceqa import Question, build_prompt
 from himap.loading import load_llava
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")
 GGUF = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "llama-spm.gguf"
 IMAGE_SIZE, PATCH = 56, 14           # 16 image tokens
 

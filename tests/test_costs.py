@@ -15,7 +15,7 @@ from himap.configs import preset_config, random_llava, tiny_config
 from himap.costs import (image_tokens_per_layer, layer_flops, layer_matmul_flops, prefill_flops,
                          prefill_flops_for, prefill_matmul_flops_for, read_model_config)
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")
 SHIPPED = himap.HiMAP(k1=2, r1=288, k2=8, r2=72)
 
 

@@ -7,7 +7,7 @@ import himap
 from conftest import left_pad_batch, make_inputs
 from himap.spans import find_spans
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 FLOWS = ["img2img", "img2txt", "img2rnd", "sys2txt", "txt2txt"]
 
