@@ -18,7 +18,7 @@ machine="$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, $(fr
 flags=$( (grep -o -w -E 'avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo || true) | sort -u | tr '\n' ' ')
 start=$(date +%s)
 .venv/bin/himap bench --preset llava-1.5-7b --layers "$LAYERS" --dtype "$DTYPE" --device cpu \
-  --repeats "${REPEATS:-5}" --warmup 1 --gen-repeats "${GEN_REPEATS:-1}" \
+  --repeats "${REPEATS:-7}" --warmup 1 --gen-repeats "${GEN_REPEATS:-1}" \
   --new-tokens 1 64 --nocache-tokens "${NOCACHE_TOKENS:-2}" "${layout[@]}" \
   --out "$OUT.json" --markdown "$OUT.md"
 {

@@ -37,8 +37,9 @@ def test_result_fields_and_derived_numbers(result):
     assert result["environment"]["dtype"] == "float32" and result["environment"]["device"].startswith("cpu")
     for name, report in result["policies"].items():
         t = report["timings"]
-        assert set(t) == {"prefill", "prefill_decoder", "vision", "prefill_profiled", "prefill_decoder_profiled",
-                          "vision_profiled", "scoring", "gather", "e2e_1", "e2e_2", "e2e_3", "nocache_2"}
+        assert set(t) == {"prefill", "prefill_decoder", "vision", "prefill_cpu", "prefill_profiled",
+                          "prefill_decoder_profiled", "vision_profiled", "prefill_cpu_profiled", "scoring", "gather",
+                          "e2e_1", "e2e_2", "e2e_3", "nocache_2"}
         assert all(v["n"] == 2 and v["min"] <= v["q1"] <= v["median"] <= v["q3"] <= v["max"] for v in t.values())
         assert all(statistics.median(v["samples"]) == v["median"] for v in t.values())
         # decoder and vision are parts of the same timed forward
@@ -46,6 +47,11 @@ def test_result_fields_and_derived_numbers(result):
                                                  t["prefill"]["samples"]))
         ref = result["policies"]["vanilla"]["timings"]
         assert report["speedup"]["prefill"] == pytest.approx(ref["prefill"]["median"] / t["prefill"]["median"])
+        assert report["speedup_best"]["prefill_decoder"] == pytest.approx(
+            ref["prefill_decoder"]["min"] / t["prefill_decoder"]["min"])
+        assert report["realized_fraction"]["prefill_decoder_best"] == pytest.approx(
+            report["speedup_best"]["prefill_decoder"] / report["predicted"]["speedup"])
+        assert 0 < report["cpu_share"] <= 1.2  # CPU seconds over wall seconds x threads
         assert report["realized_fraction"]["prefill_decoder"] == pytest.approx(
             report["speedup"]["prefill_decoder"] / report["predicted"]["speedup"])
         # a no-cache length is timed with the cache too (e2e_2 was not asked for), so the gain is like for like
