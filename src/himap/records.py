@@ -7,6 +7,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
+def read_json(path: str | Path, what: str):
+    """The JSON value in ``path``; a missing or malformed file raises one ``ValueError`` naming ``what`` it is."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {path} is not valid JSON: {err}") from None
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Every complete record of ``path`` (none if it does not exist); a torn last line (killed run) is skipped."""
     path = Path(path)

@@ -7,9 +7,10 @@ model's first-step top-5 token ids). Images live at ``<image-folder>/<record ima
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..records import read_json
 
 SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
 IMAGE_PLACEHOLDER = "<image>"
@@ -62,13 +63,7 @@ class Question:
 
 def read_question_file(path: str | Path) -> list:
     """The raw records of a question file; a missing or malformed file raises one clear ``ValueError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"question file not found: {path}")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"question file {path} is not valid JSON: {err}") from None
+    records = read_json(path, "question file")
     if not isinstance(records, list):
         raise ValueError(f"question file {path} must hold a JSON list of records, got {type(records).__name__}")
     return records

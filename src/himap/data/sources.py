@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..records import read_json
 from .scienceqa import IMAGE_PLACEHOLDER
 
 log = logging.getLogger(__name__)
@@ -78,15 +79,6 @@ def to_record(problem: Problem) -> dict:
     return record
 
 
-def _read_json(path: Path, what: str):
-    if not path.is_file():
-        raise ValueError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-
-
 def canonical_split(split: str) -> str:
     """pid_splits.json's name of a split: a mirror's ``validation`` is ``val``."""
     return {v: k for k, v in _MIRROR_SPLIT.items()}.get(split, split)
@@ -94,7 +86,7 @@ def canonical_split(split: str) -> str:
 
 def split_pids(pid_splits: Path, split: str) -> list[str]:
     """The pids of ``split`` (``validation`` is read as ``val``) in the official order."""
-    splits = _read_json(pid_splits, "pid_splits.json")
+    splits = read_json(pid_splits, "pid_splits.json")
     split = canonical_split(split)
     if not isinstance(splits, dict) or split not in splits:
         names = ", ".join(splits) if isinstance(splits, dict) else "none"
@@ -105,7 +97,7 @@ def split_pids(pid_splits: Path, split: str) -> list[str]:
 def read_official(root: str | Path, split: str, pid_splits: str | Path | None = None) -> Iterator[Problem]:
     """The problems of ``split`` from the official ``problems.json`` + ``pid_splits.json`` + ``images/``."""
     root = Path(root)
-    problems = _read_json(root / "problems.json", "problems.json")
+    problems = read_json(root / "problems.json", "problems.json")
     if not isinstance(problems, dict):
         raise ValueError(f"{root / 'problems.json'} must map problem ids to problems")
     for pid in split_pids(Path(pid_splits) if pid_splits else root / "pid_splits.json", split):
