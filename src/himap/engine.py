@@ -101,7 +101,7 @@ class Pruner:
         """Fix the next stage: ``votes[b]`` scores the image tokens of sample b in the current sequence."""
         ep = self._episode
         groups = ep.groups
-        locals_, kept = [], []
+        locals_ = []
         for b in range(groups.shape[0]):
             img = (groups[b] == IMG).nonzero().squeeze(1)
             if votes is None:
