@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DTYPE=${DTYPE:-float32}
 LAYERS=${LAYERS:-9}
-OUT=bench/results/cpu-llava-1.5-7b-${LAYERS}L-${DTYPE}
+OUT=bench/results/cpu-llava-1.5-7b-${LAYERS}L-${DTYPE}${SUFFIX:-}
 layout=()
 if [[ -f ../shared/data/tokenizers/llama-spm.gguf ]]; then
   layout+=(--tokenizer ../shared/data/tokenizers/llama-spm.gguf)
@@ -24,5 +24,5 @@ start=$(date +%s)
 {
   echo
   echo "Machine: $machine (CPU flags: ${flags:-no AVX-512}); wall time $(( $(date +%s) - start )) s;"
-  echo "command: DTYPE=$DTYPE LAYERS=$LAYERS bash bench/run_cpu.sh"
+  echo "command: DTYPE=$DTYPE LAYERS=$LAYERS REPEATS=${REPEATS:-7} GEN_REPEATS=${GEN_REPEATS:-1} NOCACHE_TOKENS=${NOCACHE_TOKENS:-2} SUFFIX=${SUFFIX:-} bash bench/run_cpu.sh"
 } >> "$OUT.md"
