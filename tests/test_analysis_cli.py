@@ -145,5 +145,9 @@ def test_a_bad_question_is_recorded_and_skipped(demo_env, tmp_path, capsys):
     summary = json.loads((out / "saliency-original.json").read_text())
     assert (summary["n_questions"], summary["n_errors"]) == (2, 2)
     assert main(["saliency", *common, "--question-file", str(qfile), "--image-folder", str(demo.image_folder),
-                 "--form", "original", "--conv-mode", "llava_v1"]) == 2
+                 "--form", "original", "--conv-mode", "chat_template"]) == 2
     assert "other settings (conv_mode)" in capsys.readouterr().err
+    assert main(["saliency", *common, "--question-file", str(qfile), "--image-folder", str(demo.image_folder),
+                 "--conv-mode", "llava_v1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "himap saliency: error: unknown conv mode 'llava_v1'; choose vicuna_v1 or chat_template"]

@@ -11,7 +11,8 @@ import himap
 from himap.data import synthetic
 from himap.data.demo import default_policies, ensure_demo
 from himap.data.scienceqa import Question, build_prompt, load_questions
-from himap.evaluation import image_token_count, make_prompt
+from himap.data.scienceqa import make_prompt
+from himap.evaluation import image_token_count
 from himap.spans import find_spans
 
 EXPECTED_PROMPT = (

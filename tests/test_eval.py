@@ -268,7 +268,7 @@ def test_real_llava_tokenizer_layout_matches_the_original_flags():
     from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
 
     from himap.data.scienceqa import Question
-    from himap.evaluation import make_prompt
+    from himap.data.scienceqa import make_prompt
     from himap.spans import find_spans
 
     tok = AutoTokenizer.from_pretrained(folder, gguf_file="llama-spm.gguf")

@@ -61,7 +61,7 @@ def test_bad_result_files(tmp_path, capsys):
     (tmp_path / "y.jsonl").write_text('{"id": 1}\n{"id": 2}\n')
     with pytest.raises(ValueError, match="not a himap saliency or disrupt summary"):
         read_summary(tmp_path / "x.json")
-    with pytest.raises(ValueError, match="not a JSON summary"):
+    with pytest.raises(ValueError, match="is not valid JSON"):
         read_summary(tmp_path / "y.jsonl")
     assert main(["plot", str(tmp_path / "missing.json")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .data.scienceqa import CONV_TEMPLATES, SINGLE_PRED_PROMPT, Question, build_prompt, read_question_file
+from .data.scienceqa import Question, check_conv_mode, make_prompt, read_question_file
 from .loading import encode, open_image
 from .policies import FastV, HiMAP, Policy, RandomPrune
 from .records import JsonlLog, read_jsonl
@@ -64,16 +64,6 @@ class Batch:
     prompts: list[str]
     inputs: dict                                   # model inputs on the device, left-padded
     errors: list[dict] = field(default_factory=list)   # questions of this batch that could not be loaded
-
-
-def make_prompt(question: Question, processor, conv_mode: str = "vicuna_v1", single_pred_prompt: bool = True) -> str:
-    """The prompt text: LLaVA's conversation template (``vicuna_v1``), or the checkpoint's own chat template
-    (``conv_mode="chat_template"``)."""
-    if conv_mode != "chat_template":
-        return build_prompt(question, conv_mode, single_pred_prompt)
-    text = question.text + (f"\n{SINGLE_PRED_PROMPT}" if single_pred_prompt else "")
-    content = ([{"type": "image"}] if question.image else []) + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 def iter_batches(questions: Iterable[Question], processor, image_folder: str | Path, *, batch_size: int = 1,
@@ -230,8 +220,7 @@ class EvalConfig:
     def __post_init__(self):
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)}, got {self.policy!r}")
-        if self.conv_mode not in (*CONV_TEMPLATES, "chat_template"):
-            raise ValueError(f"unknown conv mode {self.conv_mode!r}; choose {', '.join(CONV_TEMPLATES)} or chat_template")
+        check_conv_mode(self.conv_mode)
         for name in ("batch_size", "max_new_tokens", "num_chunks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -11,13 +11,14 @@ Figures are drawn on a bare Agg canvas (no pyplot state, no display needed).
 
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .records import read_json
 
 GROUP_LABELS = ("System prompt", "Image tokens", "User instruction")
 GROUP_COLORS = ("#C6210D", "#007FBC", "#3F7430")
@@ -28,13 +29,7 @@ FORM_NAMES = {"attn_grad": "|A ⊙ ∂L/∂A|", "original": "A²·|∂L/∂A| (r
 
 def read_summary(path: str | Path) -> dict:
     """A saliency or disrupt summary JSON; one clear ``ValueError`` for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"result file not found: {path}")
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not a JSON summary: {err}") from None
+    summary = read_json(path, "result file")
     if not isinstance(summary, dict) or summary.get("kind") not in ("saliency", "disrupt"):
         raise ValueError(f"{path} is not a himap saliency or disrupt summary (no 'kind')")
     return summary

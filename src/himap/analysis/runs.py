@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..data.scienceqa import Question, build_prompt, read_question_file
+from ..data.scienceqa import Question, check_conv_mode, make_prompt, read_question_file
 from ..loading import encode, load_llava, open_image
 from ..records import JsonlLog, read_jsonl
 
@@ -40,6 +40,7 @@ class Source:
     attn_implementation: str = "sdpa"
 
     def resolved(self) -> "Source":
+        check_conv_mode(self.conv_mode)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be a positive number of questions, got {self.limit}")
         if self.model_path is not None:
@@ -91,7 +92,7 @@ def read_items(source: Source, processor, device, done: set[str]) -> Iterator[It
         except ValueError as err:
             yield {"id": q.id, "error": str(err)}
             continue
-        prompt = build_prompt(q, source.conv_mode, source.single_pred_prompt)
+        prompt = make_prompt(q, processor, source.conv_mode, source.single_pred_prompt)
         try:
             inputs = encode(processor, [prompt], [image], device)
         except ValueError as err:            # e.g. the processor rejects the image

@@ -7,20 +7,13 @@ import argparse
 import logging
 from pathlib import Path
 
+from .common import add_runtime_args, add_source_args
+
 
 def _source_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group("model and questions (the original scripts' flags)")
-    a.add_argument("--model-path", help="llava-hf checkpoint folder or hub id (default: the embedded demo)")
-    a.add_argument("--question-file", help="himap question file (default with the demo: its questions)")
-    a.add_argument("--image-folder", help="folder holding <id>/image.png")
-    a.add_argument("--conv-mode", default="vicuna_v1")
-    a.add_argument("--single-pred-prompt", action=argparse.BooleanOptionalAction, default=True,
-                   help="append \"Answer with the option's letter from the given choices directly.\" (default on)")
-    a.add_argument("--limit", type=int, help="only the first N questions of the file")
-    a.add_argument("--device", default="auto")
-    a.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16")
-    a.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager"))
-    a.add_argument("--no-progress", dest="progress", action="store_false")
+    add_source_args(a)
+    add_runtime_args(a)
 
 
 def _ints(text: str) -> tuple[int, ...]:

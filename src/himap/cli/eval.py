@@ -8,20 +8,17 @@ import os
 import sys
 from pathlib import Path
 
+from .common import add_runtime_args, add_source_args
+
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a LLaVA checkpoint on a question file (vanilla or pruned)",
                        description="Evaluate a llava-hf checkpoint on a himap question file; with no "
                                    "--model-path, the embedded demo. Re-running the same command resumes.")
     a = p.add_argument_group("the original eval_scivqa.py flags")
-    a.add_argument("--model-path", help="llava-hf checkpoint folder or hub id (default: the demo)")
+    add_source_args(a)
     a.add_argument("--model-base", help="not supported (LoRA bases): merge the weights first")
-    a.add_argument("--question-file", help="himap question file (default with the demo: its questions)")
-    a.add_argument("--image-folder", help="folder holding <id>/image.png")
     a.add_argument("--answers-file", help="write predictions here (summary.json beside it) instead of --output-dir")
-    a.add_argument("--single-pred-prompt", action=argparse.BooleanOptionalAction, default=True,
-                   help="append \"Answer with the option's letter from the given choices directly.\" (default on)")
-    a.add_argument("--conv-mode", default="vicuna_v1", help="vicuna_v1, or chat_template (the checkpoint's)")
     a.add_argument("--num-chunks", type=int, default=1)
     a.add_argument("--chunk-idx", type=int, default=0)
     a.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -42,11 +39,7 @@ def register(sub) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--batch-size", type=int, default=1)
     b.add_argument("--max-new-tokens", type=int, default=16, help="the original uses 1024 (stops at EOS)")
-    b.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16")
-    b.add_argument("--device", default="auto")
-    b.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager"))
-    b.add_argument("--limit", type=int, help="only the first N questions")
-    b.add_argument("--no-progress", dest="progress", action="store_false")
+    add_runtime_args(b)
     p.set_defaults(run=run_eval)
 
     m = sub.add_parser("merge", help="combine chunk runs into one result")

@@ -91,3 +91,19 @@ def build_prompt(question: Question, conv_mode: str = "vicuna_v1", single_pred_p
     if single_pred_prompt:
         message = f"{message}\n{SINGLE_PRED_PROMPT}"
     return CONV_TEMPLATES[conv_mode].prompt(message)
+
+
+def check_conv_mode(conv_mode: str) -> None:
+    """A prompt mode :func:`make_prompt` knows, or one line naming the choices."""
+    if conv_mode not in (*CONV_TEMPLATES, "chat_template"):
+        raise ValueError(f"unknown conv mode {conv_mode!r}; choose {', '.join(CONV_TEMPLATES)} or chat_template")
+
+
+def make_prompt(question: Question, processor, conv_mode: str = "vicuna_v1", single_pred_prompt: bool = True) -> str:
+    """The prompt text: LLaVA's conversation template (``vicuna_v1``), or the checkpoint's own chat template
+    (``conv_mode="chat_template"``)."""
+    if conv_mode != "chat_template":
+        return build_prompt(question, conv_mode, single_pred_prompt)
+    text = question.text + (f"\n{SINGLE_PRED_PROMPT}" if single_pred_prompt else "")
+    content = ([{"type": "image"}] if question.image else []) + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
