@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .records import read_json
 
@@ -99,6 +100,7 @@ def plot_disruption(summary: dict, path: str | Path) -> Path:
             y = np.array([np.nan if v is None else v for v in rows[metric]], dtype=float)
             ax.plot(rows["start"], y, marker=markers[i % len(markers)], label=flow, linewidth=1.8)
         ax.set_xlabel("First blocked layer k", fontsize=12)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(name, fontsize=12)
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
