@@ -24,11 +24,11 @@ machine="$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, $(fr
 flags=$( (grep -o -w -E 'avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo || true) | sort -u | tr '\n' ' ')
 start=$(date +%s)
 .venv/bin/himap bench --preset llava-1.5-7b --layers "$LAYERS" --dtype "$DTYPE" --device cpu \
-  --repeats "$REPEATS" --warmup 1 --gen-repeats "$GEN_REPEATS" \
+  --repeats "$REPEATS" --warmup 1 --gen-repeats "$GEN_REPEATS" --profile-repeats "${PROFILE_REPEATS:-1}" \
   --new-tokens $NEW_TOKENS --nocache-tokens $NOCACHE_TOKENS "${layout[@]}" \
   --out "$OUT.json" --markdown "$OUT.md"
 {
   echo
   echo "Machine: $machine (CPU flags: ${flags:-no AVX-512}); wall time $(( $(date +%s) - start )) s;"
-  echo "command: DTYPE=$DTYPE LAYERS=$LAYERS REPEATS=$REPEATS GEN_REPEATS=$GEN_REPEATS NEW_TOKENS=\"$NEW_TOKENS\" NOCACHE_TOKENS=\"$NOCACHE_TOKENS\" SUFFIX=${SUFFIX:-} bash bench/run_cpu.sh"
+  echo "command: DTYPE=$DTYPE LAYERS=$LAYERS REPEATS=$REPEATS GEN_REPEATS=$GEN_REPEATS PROFILE_REPEATS=${PROFILE_REPEATS:-1} NEW_TOKENS=\"$NEW_TOKENS\" NOCACHE_TOKENS=\"$NOCACHE_TOKENS\" SUFFIX=${SUFFIX:-} bash bench/run_cpu.sh"
 } >> "$OUT.md"

@@ -63,8 +63,7 @@ def test_result_fields_and_derived_numbers(result):
 
 def test_separate_profile_block(tiny):
     model, layout = tiny
-    settings = bm.Settings(repeats=1, profile_repeats=2, warmup=0, new_tokens=(1,), nocache_tokens=(),
-                           separate_profile=True)  # what CUDA runs: clean timed prefills, then profiled ones
+    settings = bm.Settings(repeats=1, profile_repeats=2, warmup=0, new_tokens=(1,), nocache_tokens=())
     got = bm.run_benchmark(model, layout, POLICIES, settings=settings, progress=False)["policies"]["himap"]
     assert got["timings"]["prefill"]["n"] == 1 and got["timings"]["prefill_profiled"]["n"] == 2
     assert got["timings"]["prefill"]["samples"] != got["timings"]["prefill_profiled"]["samples"][:1]

@@ -267,7 +267,7 @@ def predicted(model: nn.Module, layout: Layout, policy: Policy | None) -> dict:
 @dataclass(frozen=True)
 class Settings:
     """How much to measure: ``repeats`` interleaved rounds of prefill, ``gen_repeats`` of each generation block
-    (default ``repeats``), ``profile_repeats`` of profiled prefills (a separate block on CUDA; default ``repeats``), after
+    (default ``repeats``), ``profile_repeats`` of profiled prefills (their own block; default ``repeats``), after
     ``warmup`` unmeasured rounds run once before the first block."""
 
     repeats: int = 5
@@ -276,7 +276,6 @@ class Settings:
     nocache_tokens: tuple[int, ...] = (1, 64)
     gen_repeats: int | None = None
     profile_repeats: int | None = None
-    separate_profile: bool | None = None  # profiled prefills in their own block; None: on CUDA only
 
     def __post_init__(self):
         for name in ("repeats", "gen_repeats", "profile_repeats"):
@@ -293,15 +292,11 @@ class Settings:
 def _blocks(model: nn.Module, inputs: dict, s: Settings) -> list[tuple[str, int, Callable]]:
     """(label, repeats, policy -> {label: value}) for every measurement block, in the order they run.
 
-    On CUDA the profiling instrumentation synchronises inside the forward, so clean timed prefills and profiled
-    prefills are separate blocks; on CPU (nothing to synchronise) one profiled block gives both."""
+    Timed prefills run bare; the instrumented ones are a block of their own: on CUDA the instrumentation
+    synchronises inside the forward, and on CPU the memory sampler's thread takes a share of the cores."""
     gen = s.gen_repeats or s.repeats
-    separate = s.separate_profile if s.separate_profile is not None else model_device(model).type == "cuda"
-    if separate:
-        blocks = [("prefill", s.repeats, lambda p: measure_prefill(model, inputs, p, profile=False)),
-                  ("profile", s.profile_repeats or s.repeats, lambda p: measure_prefill(model, inputs, p))]
-    else:
-        blocks = [("prefill", s.repeats, lambda p: _unprofiled(measure_prefill(model, inputs, p)))]
+    blocks = [("prefill", s.repeats, lambda p: measure_prefill(model, inputs, p, profile=False)),
+              ("profile", s.profile_repeats or s.repeats, lambda p: measure_prefill(model, inputs, p))]
     # a no-cache length is also timed with the cache, so that the gain of caching compares like with like
     for n in sorted(set(s.new_tokens) | set(s.nocache_tokens)):
         blocks.append((f"e2e_{n}", gen, lambda p, n=n: {f"e2e_{n}": time_generate(model, inputs, p, n, True)}))
@@ -309,11 +304,6 @@ def _blocks(model: nn.Module, inputs: dict, s: Settings) -> list[tuple[str, int,
         blocks.append((f"nocache_{n}", gen,
                        lambda p, n=n: {f"nocache_{n}": time_generate(model, inputs, p, n, False)}))
     return blocks
-
-
-def _unprofiled(got: dict) -> dict:
-    """A profiled prefill also counted as a timed one (CPU: the instrumentation costs microseconds)."""
-    return {**got, **{k: got[f"{k}_profiled"] for k in ("prefill", "prefill_decoder", "vision", "prefill_cpu")}}
 
 
 def run_benchmark(model: nn.Module, layout: Layout, policies: dict[str, Policy | None] | None = None, *,

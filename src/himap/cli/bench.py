@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds before each block (default 1)")
     p.add_argument("--gen-repeats", type=int, help="rounds of the generation blocks (default: --repeats)")
     p.add_argument("--profile-repeats", type=int,
-                   help="profiled prefills (scoring time, memory), a separate block on CUDA (default: --repeats)")
+                   help="profiled prefills (scoring time, memory), a block of their own (default: --repeats)")
     p.add_argument("--new-tokens", type=int, nargs="+", default=[1, 64], help="answer lengths with a KV cache")
     p.add_argument("--nocache-tokens", type=int, nargs="*", default=[1, 64],
                    help="answer lengths without a KV cache (the original's style; empty to skip)")
