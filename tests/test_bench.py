@@ -51,7 +51,9 @@ def test_result_fields_and_derived_numbers(result):
             ref["prefill_decoder"]["min"] / t["prefill_decoder"]["min"])
         assert report["realized_fraction"]["prefill_decoder_best"] == pytest.approx(
             report["speedup_best"]["prefill_decoder"] / report["predicted"]["speedup"])
-        assert 0 < report["cpu_share"] <= 1.2  # CPU seconds over wall seconds x threads
+        # CPU seconds over wall seconds x threads (above 1 is possible for millisecond forwards: OpenMP spin-waits)
+        assert report["cpu_share"] == pytest.approx(statistics.median(
+            c / (w * torch.get_num_threads()) for c, w in zip(t["prefill_cpu"]["samples"], t["prefill"]["samples"])))
         assert report["realized_fraction"]["prefill_decoder"] == pytest.approx(
             report["speedup"]["prefill_decoder"] / report["predicted"]["speedup"])
         # a no-cache length is timed with the cache too (e2e_2 was not asked for), so the gain is like for like
