@@ -1,40 +1,91 @@
-"""Pruning policies: what to keep, as frozen dataclasses, and the pure top-k rule they share.
+"""Pruning policies: what to keep, as frozen dataclasses, the registry that names them, and the top-k rule.
 
 A policy is a sequence of :class:`Stage` s. Before decoder layer ``stage.layer`` (0-based) the image tokens still
-present are ranked by attention in layer ``stage.layer - 1`` and the best ``stage.keep`` stay; system and text
-tokens always stay. Which attention rows vote is the stage's ``query``:
+present are ranked by attention in layer ``stage.layer - 1`` and the best ``stage.count(n_img)`` stay; system and
+text tokens always stay. Which attention rows vote is the stage's ``query``:
 
 - ``"text"``:  every token after the image span (HiMAP stage 1, the original's φ_sh),
 - ``"image"``: the image tokens still present, columns restricted to the same tokens (HiMAP stage 2, φ_dp),
 - ``"last"``:  the last token only (FastV),
 - ``"random"``: no attention; a seeded random draw (a baseline).
+
+Budgets (``r1``, ``r2``, ``r``) are an ``int`` — a count of image tokens, as in the original flags — or a ``float``
+in (0, 1] — a fraction of the sample's ORIGINAL image-token count, ``max(1, round(r * n_img))`` per sample, for
+every stage (so ``HiMAP(2, 0.5, 8, 0.125)`` is the paper's 288 / 72 of 576 image tokens).
+
+Every policy class is registered under a short ``name`` (:func:`register`); :func:`to_params` and
+:func:`from_params` are the one serialisation, :func:`defaults` the one place for settings scaled to a model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
+from .errors import UserError
+
 Query = Literal["text", "image", "last", "random"]
+Budget = int | float
 
 
 @dataclass(frozen=True)
 class Stage:
     layer: int
-    keep: int
+    keep: Budget
     query: Query
     seed: int = 0
-    name: str = "k"     # the policy field that set ``layer``, for error messages
+    name: str = "k"      # the policy field that set ``layer``, for error messages
+    budget: str = "r"    # the policy field that set ``keep``
+
+    def count(self, n_img: int) -> int:
+        """Image tokens this stage keeps of a sample with ``n_img`` image tokens (before any pruning)."""
+        if isinstance(self.keep, float):
+            return max(1, round(self.keep * n_img))
+        if self.keep > n_img:
+            raise UserError(f"{self.budget}={self.keep} exceeds the {n_img} image tokens of the input")
+        return self.keep
 
 
-def _check_positive(**fields: int) -> None:
-    for name, value in fields.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _check_layer(name: str, value: object, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        why = "; layer 0 has no attention to rank by" if low == 1 else ""
+        raise UserError(f"{name} must be >= {low} (an integer{why}), got {value!r}")
 
 
+def _check_budget(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{name} must be a count (int >= 1) or a fraction (float in (0, 1]), got {value!r}")
+    if isinstance(value, int) and value < 1:
+        raise UserError(f"{name} must be a positive integer (a count) or a fraction in (0, 1], got {value!r}")
+    if isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise UserError(f"{name} as a fraction must be in (0, 1], got {value!r}")
+
+
+def parse_budget(text: str) -> Budget:
+    """``"288"`` -> 288 (a count), ``"0.5"`` -> 0.5 (a fraction); one-line error otherwise."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"a budget must be a count or a fraction, got {text!r}") from None
+
+
+POLICIES: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: make a policy known by its ``name`` to :func:`from_params` and the command line."""
+    POLICIES[cls.name] = cls
+    return cls
+
+
+@register
 @dataclass(frozen=True)
 class HiMAP:
     """Hierarchical Modality-Aware Pruning: keep ``r1`` image tokens before layer ``k1`` (ranked by the text
@@ -42,54 +93,61 @@ class HiMAP:
 
     Defaults are the shipped LLaVA-1.5 setting (k1=2, r1=288, k2=8, r2=72 of 576 image tokens)."""
 
+    name: ClassVar[str] = "himap"
     k1: int = 2
-    r1: int = 288
+    r1: Budget = 288
     k2: int = 8
-    r2: int = 72
+    r2: Budget = 72
 
     def __post_init__(self):
-        if not isinstance(self.k1, int) or self.k1 < 1:
-            raise ValueError(f"k1 must be >= 1 (layer 0 has no attention to rank by), got {self.k1!r}")
-        if not isinstance(self.k2, int) or self.k2 <= self.k1:
-            raise ValueError(f"k2 must be > k1, got k1={self.k1}, k2={self.k2!r}")
-        _check_positive(r1=self.r1, r2=self.r2)
-        if self.r2 > self.r1:
-            raise ValueError(f"r2 must be <= r1 (stage 2 prunes the stage-1 survivors), got r1={self.r1}, r2={self.r2}")
+        _check_layer("k1", self.k1)
+        if isinstance(self.k2, bool) or not isinstance(self.k2, int) or self.k2 <= self.k1:
+            raise UserError(f"k2 must be > k1 (an integer), got k1={self.k1}, k2={self.k2!r}")
+        _check_budget("r1", self.r1)
+        _check_budget("r2", self.r2)
+        if type(self.r1) is type(self.r2) and self.r2 > self.r1:
+            raise UserError(f"r2 must be <= r1 (stage 2 prunes the stage-1 survivors), got r1={self.r1}, "
+                            f"r2={self.r2}")
 
     @property
     def stages(self) -> tuple[Stage, ...]:
-        return Stage(self.k1, self.r1, "text", name="k1"), Stage(self.k2, self.r2, "image", name="k2")
+        return (Stage(self.k1, self.r1, "text", name="k1", budget="r1"),
+                Stage(self.k2, self.r2, "image", name="k2", budget="r2"))
 
 
+@register
 @dataclass(frozen=True)
 class FastV:
     """FastV (Chen et al., 2024): before layer ``k`` keep the ``r`` image tokens the last token attends to most."""
 
+    name: ClassVar[str] = "fastv"
     k: int = 2
-    r: int = 288
+    r: Budget = 288
 
     def __post_init__(self):
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be >= 1 (layer 0 has no attention to rank by), got {self.k!r}")
-        _check_positive(r=self.r)
+        _check_layer("k", self.k)
+        _check_budget("r", self.r)
 
     @property
     def stages(self) -> tuple[Stage, ...]:
         return (Stage(self.k, self.r, "last"),)
 
 
+@register
 @dataclass(frozen=True)
 class RandomPrune:
     """Keep ``r`` image tokens drawn at random (seeded, the same draw for every sample) before layer ``k``."""
 
+    name: ClassVar[str] = "random"
     k: int = 2
-    r: int = 288
+    r: Budget = 288
     seed: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k!r}")
-        _check_positive(r=self.r)
+        _check_layer("k", self.k)
+        _check_budget("r", self.r)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise UserError(f"seed must be an integer, got {self.seed!r}")
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -97,6 +155,78 @@ class RandomPrune:
 
 
 Policy = HiMAP | FastV | RandomPrune
+NAMES = ("none", *POLICIES)
+
+
+def check(policy: Policy, n_layers: int, n_img: int | None = None) -> None:
+    """One-line error if ``policy`` does not fit a decoder of ``n_layers`` (or ``n_img`` image tokens, if given)."""
+    counts = []
+    for stage in policy.stages:
+        if stage.layer >= n_layers:
+            raise UserError(f"{stage.name}={stage.layer} must be < the number of decoder layers ({n_layers})")
+        if n_img is not None:
+            counts.append(stage.count(n_img))
+    for (a, ca), (b, cb) in zip(zip(policy.stages, counts), zip(policy.stages[1:], counts[1:])):
+        if cb > ca:
+            raise UserError(f"{b.budget}={b.keep} keeps {cb} image tokens, more than {a.budget}={a.keep} "
+                            f"({ca} of {n_img})")
+
+
+def to_params(policy: Policy | None) -> dict:
+    """``{"name": ..., **fields}``; ``{"name": "none"}`` for no pruning. Inverse of :func:`from_params`."""
+    if policy is None:
+        return {"name": "none"}
+    return {"name": policy.name, **dataclasses.asdict(policy)}
+
+
+def fields(name: str) -> tuple[str, ...]:
+    """The parameter names of the policy called ``name``."""
+    return () if name == "none" else tuple(f.name for f in dataclasses.fields(_class(name)))
+
+
+def defaults(name: str, n_layers: int, seed: int = 0) -> dict:
+    """The paper's settings for a decoder of ``n_layers``, budgets as fractions of the image tokens:
+    HiMAP k1=2, r1=1/2, k2=n_layers/4 clamped to [3, 8] (8 for LLaVA-1.5's 32 and 40 layers), r2=1/8;
+    FastV and random keep 1/2 before layer 2 (FastV's K=2, R=50%)."""
+    if name == "himap":
+        return {"k1": 2, "r1": 0.5, "k2": min(8, max(3, n_layers // 4)), "r2": 0.125}
+    if name == "fastv":
+        return {"k": 2, "r": 0.5}
+    if name == "random":
+        return {"k": 2, "r": 0.5, "seed": seed}
+    _class(name)
+    return {}
+
+
+def from_params(name: str, params: dict | None = None, *, n_layers: int | None = None,
+                n_img: int | None = None) -> Policy | None:
+    """The policy ``name`` (``"none"`` -> None) with ``params``; unset (missing or None) fields are taken from
+    :func:`defaults` for ``n_layers``. Checked against ``n_layers`` / ``n_img`` when given."""
+    name = str(name).lower()
+    if name == "none":
+        unknown = {k for k, v in (params or {}).items() if v is not None}
+        if unknown:
+            raise UserError(f"policy none takes no parameters; got {', '.join(sorted(unknown))}")
+        return None
+    cls = _class(name)
+    given = {k: v for k, v in (params or {}).items() if v is not None}
+    unknown = set(given) - set(fields(name))
+    if unknown:
+        raise UserError(f"policy {name} takes {', '.join(fields(name))}; got {', '.join(sorted(unknown))}")
+    missing = set(fields(name)) - set(given)
+    if missing and n_layers is None:
+        raise UserError(f"policy {name} needs {', '.join(sorted(missing))} (or a model to scale defaults to)")
+    base = defaults(name, n_layers) if missing else {}
+    policy = cls(**{**base, **given})
+    if n_layers is not None:
+        check(policy, n_layers, n_img)
+    return policy
+
+
+def _class(name: str) -> type:
+    if name not in POLICIES:
+        raise UserError(f"unknown policy {name!r}; choose one of {', '.join(NAMES)}")
+    return POLICIES[name]
 
 
 def top_kept(scores: torch.Tensor, keep: int) -> torch.Tensor:
