@@ -9,6 +9,7 @@ import torch
 import himap
 from himap.data.demo import ORGANISM_DIR, default_policies, ensure_demo
 from himap.data.scienceqa import load_questions
+from himap.errors import UserError
 from himap.evaluation import image_token_count, predict
 from himap.organism import OrganismConfig, answer_loss, build_organism, encode_items, save_organism, train_organism
 from himap.results import option_letters
@@ -96,6 +97,36 @@ def test_training_lowers_the_answer_loss_and_is_reproducible(tmp_path):
     with torch.no_grad():
         assert torch.equal(answer_loss(loaded, probe), answer_loss(model, probe))
     assert (Path(out) / "training.json").is_file()
+
+
+def test_a_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Interrupt a run after 7 steps (the state is saved after every step), rerun it: the resumed run ends with
+    the weights, step count and validation history of an uninterrupted run."""
+    import himap.organism as organism
+
+    config = OrganismConfig(**{**TINY, "eval_every": 5})
+    whole, _, whole_report = train_organism(config, progress=False)
+    real, calls = organism.answer_loss, []
+
+    def dies_at_step_8(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(organism, "answer_loss", dies_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train_organism(config, progress=False, state_dir=tmp_path, save_every_s=0)
+    monkeypatch.setattr(organism, "answer_loss", real)
+    assert torch.load(tmp_path / organism.STATE_FILE, weights_only=False)["report"]["steps"] == 7
+    resumed, _, report = train_organism(config, progress=False, state_dir=tmp_path, save_every_s=0)
+    assert report.steps == whole_report.steps == 12
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in report.history]
+    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in whole_report.history]
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(UserError, match="different lr"):
+        train_organism(OrganismConfig(**{**TINY, "lr": 1e-3}), progress=False, state_dir=tmp_path)
 
 
 def test_bad_config_is_one_clear_error():

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from .data.scienceqa import Question, build_prompt
 from .data.synthetic import COLORS, FIXED_OPTIONS, NUMBERS, REGIONS, SHAPES, TASKS, Item, generate
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +45,26 @@ ANSWER_WORDS = (*COLORS, *SHAPES, *REGIONS, *NUMBERS, "yes", "no")     # targets
 class OrganismConfig:
     """Model shape and training recipe. The image-token count is ``(image_size / patch_size) ** 2``."""
 
-    layers: int = 4
+    layers: int = 8
     hidden: int = 96
     heads: int = 4
     vision_hidden: int = 64
     vision_layers: int = 3          # the projector reads the second-to-last layer, as LLaVA does
-    image_size: int = 84
+    image_size: int = 168
     patch_size: int = 14
     tasks: tuple[str, ...] = ORGANISM_TASKS
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup: int = 50
-    max_steps: int = 1500
+    max_steps: int = 3000
     eval_every: int = 150
-    n_val: int = 150
+    n_val: int = 300
     fixed_options: bool = True      # each task lists the same options in the same order (see synthetic.generate)
-    target: float = 0.95
+    target: float = 0.97
     word_weight: float = 1.0        # auxiliary answer-word probe (training only)
     lm_weight: float = 0.1          # auxiliary next-token loss on the prompt text
-    max_minutes: float = 20.0
+    max_minutes: float = 90.0
     seed: int = 0
     threads: int = 1
 
@@ -173,15 +174,19 @@ def letter_accuracy(model, batches: Sequence[dict]) -> float:
     return right / max(total, 1)
 
 
-def _stream(config: OrganismConfig, processor) -> Iterator[dict]:
-    """Endless seeded training batches; chunk ``i`` of the train split is ``generate(split="train", seed=..+i)``."""
-    chunk = 0
+CHUNK = 50    # batches per generator seed
+
+
+def _stream(config: OrganismConfig, processor, start: int = 0) -> Iterator[dict]:
+    """Endless seeded training batches from batch ``start`` on; chunk ``i`` (``CHUNK`` batches) of the train
+    split is ``generate(split="train", seed=seed * 100_000 + i)``, so batch ``n`` is the same on a resumed run."""
+    chunk, skip = divmod(start, CHUNK)
     while True:
-        items = list(generate(config.batch_size * 50, "train", config.seed * 100_000 + chunk, config.tasks,
+        items = list(generate(config.batch_size * CHUNK, "train", config.seed * 100_000 + chunk, config.tasks,
                               fixed_options=config.fixed_options))
-        for i in range(0, len(items), config.batch_size):
+        for i in range(skip * config.batch_size, len(items), config.batch_size):
             yield encode_items(items[i:i + config.batch_size], processor, config.image_size)
-        chunk += 1
+        chunk, skip = chunk + 1, 0
 
 
 def _lr(config: OrganismConfig, step: int) -> float:
@@ -192,10 +197,55 @@ def _lr(config: OrganismConfig, step: int) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+STATE_FILE = "train-state.pt"
+RESUMABLE_CHANGES = ("max_minutes", "target", "threads")     # config fields a resumed run may change
+
+
+def _optimizer(model, probe, config: OrganismConfig) -> tuple[list, torch.optim.Optimizer]:
+    params = [*model.named_parameters(), *(("probe." + n, p) for n, p in probe.named_parameters())]
+    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+    return [p for _, p in params], opt
+
+
+def _save_state(path: Path, config: OrganismConfig, model, probe, opt, report: TrainReport,
+                running: float | None) -> None:
+    """Write the whole training state atomically (a temporary file renamed over the old one)."""
+    state = {"config": asdict(config), "model": model.state_dict(), "probe": probe.state_dict(),
+             "optimizer": opt.state_dict(), "report": asdict(report), "running": running,
+             "rng": torch.get_rng_state()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _load_state(path: Path, config: OrganismConfig, model, probe, opt) -> tuple[TrainReport, float | None]:
+    """Restore a state written by :func:`_save_state`; the recipe must be the one it was trained with."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved, asked = state["config"], asdict(config)
+    if diff := [k for k in asked if k not in RESUMABLE_CHANGES and saved.get(k) != asked[k]]:
+        raise UserError(f"{path} was trained with a different {', '.join(diff)}; use another output folder or "
+                        "the same settings")
+    model.load_state_dict(state["model"])
+    probe.load_state_dict(state["probe"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return TrainReport(**state["report"]), state["running"]
+
+
 @torch.enable_grad()       # callers (and earlier tests) may have turned autograd off globally
-def train_organism(config: OrganismConfig, model=None, processor=None, progress: bool = True):
+def train_organism(config: OrganismConfig, model=None, processor=None, progress: bool = True,
+                   state_dir: str | Path | None = None, save_every_s: float = 300.0):
     """Train (a fresh model of ``config``, or the given one) until validation accuracy reaches ``config.target``,
-    ``max_steps`` or ``max_minutes``; returns ``(model, processor, TrainReport)``."""
+    ``max_steps`` or ``max_minutes`` (of training, summed over resumed runs); returns ``(model, processor,
+    TrainReport)``.
+
+    With ``state_dir`` the model, optimizer, step, running loss and RNG state are saved to ``STATE_FILE`` there
+    every ``save_every_s`` seconds, and a run that finds that file continues from it: with the same thread count
+    and torch build, a killed and resumed run ends with the same weights as an uninterrupted one."""
     from tqdm import tqdm
 
     torch.set_num_threads(config.threads)
@@ -205,21 +255,22 @@ def train_organism(config: OrganismConfig, model=None, processor=None, progress:
     val = [encode_items(val_items[i:i + 64], processor, config.image_size) for i in range(0, len(val_items), 64)]
     torch.manual_seed(config.seed)
     probe = torch.nn.Linear(model.config.text_config.hidden_size, len(ANSWER_WORDS))
-    params = [*model.named_parameters(), *(("probe." + n, p) for n, p in probe.named_parameters())]
-    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
-    rest = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
-    report, start, running = TrainReport(), time.perf_counter(), None
-    bar = tqdm(total=config.max_steps, disable=not progress, desc="train-organism")
+    params, opt = _optimizer(model, probe, config)
+    state = Path(state_dir) / STATE_FILE if state_dir is not None else None
+    report, running = TrainReport(), None
+    if state is not None and state.is_file():
+        report, running = _load_state(state, config, model, probe, opt)
+        log.info("resuming %s at step %d", state, report.steps)
+    start, saved = time.perf_counter() - report.seconds, time.perf_counter()
+    bar = tqdm(total=config.max_steps, initial=report.steps, disable=not progress, desc="train-organism")
     model.train()
-    for step, batch in zip(range(config.max_steps), _stream(config, processor)):
+    for step, batch in zip(range(report.steps, config.max_steps), _stream(config, processor, report.steps)):
         for group in opt.param_groups:
             group["lr"] = _lr(config, step)
         loss = answer_loss(model, batch, probe, config.word_weight, config.lm_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         bar.update(1)
@@ -227,19 +278,26 @@ def train_organism(config: OrganismConfig, model=None, processor=None, progress:
         report.steps, report.seconds = step + 1, time.perf_counter() - start
         out_of_time = report.seconds > 60 * config.max_minutes
         if (step + 1) % config.eval_every == 0 or out_of_time or step + 1 == config.max_steps:
-            model.eval()
-            report.val_accuracy = letter_accuracy(model, val)
-            model.train()
-            report.history.append({"step": step + 1, "loss": round(running, 4),
-                                   "val_accuracy": round(report.val_accuracy, 4),
-                                   "seconds": round(report.seconds, 1)})
-            log.info("step %d loss %.3f val %.3f", step + 1, running, report.val_accuracy)
-            if progress:
-                bar.write(f"step {step + 1} loss {running:.3f} val_accuracy {report.val_accuracy:.3f}")
-            if report.val_accuracy >= config.target or out_of_time:
+            if _validate(model, val, report, running, bar if progress else None) >= config.target or out_of_time:
                 break
+        if state is not None and time.perf_counter() - saved >= save_every_s:
+            _save_state(state, config, model, probe, opt, report, running)
+            saved = time.perf_counter()
     bar.close()
     return model.eval(), processor, report
+
+
+def _validate(model, val: Sequence[dict], report: TrainReport, running: float, bar=None) -> float:
+    """Validation accuracy at this step, recorded in ``report.history``."""
+    model.eval()
+    report.val_accuracy = letter_accuracy(model, val)
+    model.train()
+    report.history.append({"step": report.steps, "loss": round(running, 4),
+                           "val_accuracy": round(report.val_accuracy, 4), "seconds": round(report.seconds, 1)})
+    log.info("step %d loss %.3f val %.3f", report.steps, running, report.val_accuracy)
+    if bar is not None:
+        bar.write(f"step {report.steps} loss {running:.3f} val_accuracy {report.val_accuracy:.3f}")
+    return report.val_accuracy
 
 
 def save_organism(model, processor, out_dir: str | Path, config: OrganismConfig, report: TrainReport,

@@ -18,9 +18,14 @@ def register(sub) -> None:
                        description="Trains a LLaVA-architecture model from scratch on seeded synthetic visual "
                                    "multiple-choice questions (loss on the answer letter after 'ASSISTANT:'), "
                                    "stops at the target validation accuracy, and saves a llava-hf checkpoint. "
+                                   "Resumable: rerun the same command after a kill and it continues from the "
+                                   "last saved state in the output folder. "
                                    "The shipped demo model is this command's default output.")
     p.add_argument("--output-dir", required=True, help="checkpoint folder (src/himap/data/organism to replace "
                                                        "the shipped model)")
+    p.add_argument("--save-every-minutes", type=float, default=5.0,
+                   help="how often the training state is saved into the output folder; a run that finds a saved "
+                        "state there continues from it (default: 5)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="dtype of the saved weights")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -48,12 +53,14 @@ def register(sub) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from ..organism import OrganismConfig, save_organism, train_organism
+    from ..organism import STATE_FILE, OrganismConfig, save_organism, train_organism
 
     logging.basicConfig(level=logging.WARNING)
     config = OrganismConfig(**{f.name: getattr(args, f.name) for f in fields(OrganismConfig)})
-    model, processor, report = train_organism(config, progress=args.progress)
+    model, processor, report = train_organism(config, progress=args.progress, state_dir=args.output_dir,
+                                              save_every_s=60 * args.save_every_minutes)
     out = save_organism(model, processor, args.output_dir, config, report, dtype=getattr(torch, args.dtype))
+    (out / STATE_FILE).unlink(missing_ok=True)     # finished: the checkpoint replaces the training state
     print(f"trained {report.steps} steps in {report.seconds / 60:.1f} min; validation accuracy "
           f"{report.val_accuracy:.1%}; saved to {out}")
     return 0
