@@ -1,0 +1,120 @@
+"""Matched budgets: one accounting that turns a target into each pruning method's settings.
+
+A policy leaves ``T_l`` image tokens in decoder layer ``l`` of a decoder with ``L`` layers. Its **average image
+tokens per layer** is the layer-weighted mean
+
+    T = sum_i (L_i - L_{i-1}) * T_i / L
+
+where ``T_i`` image tokens are present in layers ``[L_{i-1}, L_i)`` (``L_0 = 0``, the last segment ends at ``L``),
+i.e. ``sum_l T_l / L``. Vanilla LLaVA-1.5 has ``T = 576``; the field's "64 / 128 / 192 tokens" are values of ``T``.
+The **FLOPs ratio** is :func:`himap.flops.prefill_flops_for`'s ``flops_kept`` (FastV's per-layer count
+``4nd^2 + 2n^2d + 2ndm`` summed over layers, pruned / vanilla, whole sequence), the number ``himap flops`` prints.
+
+Each method has one free budget, an image-token count; everything else is the method's published setting:
+
+- ``himap``: K1 and K2 from :func:`himap.policies.defaults` (the paper's, scaled to the decoder), R2 = R1 / 4 (the
+  paper's 72 / 288), rounded, at least 1; R1 is solved;
+- ``fastv`` and ``random``: K from :func:`himap.policies.defaults` (FastV's K = 2); R is solved.
+
+Both metrics grow monotonically with the budget, so the solver tries every count from 1 to ``n_img`` and keeps the
+one closest to the target; for ``T`` one more token of budget moves ``T`` by at most one, so a reachable target is
+met within one token (within half a token where the step is below one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .errors import UserError
+from .policies import FastV, HiMAP, Policy, RandomPrune, check, defaults
+
+HIMAP_R2_PER_R1 = 0.25       # the paper's R2 / R1 = 72 / 288
+METHODS = ("himap", "fastv", "random")
+SETTINGS = {"himap": ("k1", "k2", "ratio"), "fastv": ("k",), "random": ("k", "seed")}   # what a caller may fix
+
+
+@dataclass(frozen=True)
+class Matched:
+    """A method's settings for a target: the policy, the image tokens it leaves in each layer, their layer mean
+    ``avg_tokens`` and, when the decoder shape was given, the FLOPs ratio ``flops_kept``."""
+
+    policy: Policy
+    tokens_per_layer: tuple[int, ...]
+    avg_tokens: float
+    flops_kept: float | None = None
+
+
+def tokens_per_layer(policy: Policy | None, n_layers: int, n_img: int) -> list[int]:
+    """Image tokens present in each decoder layer under ``policy`` (None: vanilla)."""
+    from .flops import image_tokens_per_layer
+
+    return image_tokens_per_layer(n_img, n_layers, policy)
+
+
+def average_tokens(policy: Policy | None, n_layers: int, n_img: int) -> float:
+    """The layer-weighted mean ``T = sum_i (L_i - L_{i-1}) * T_i / L`` of the image tokens per layer."""
+    return sum(tokens_per_layer(policy, n_layers, n_img)) / n_layers
+
+
+def flops_kept(policy: Policy | None, text_config, n_img: int, n_text: int) -> float:
+    """Whole-sequence prefill FLOPs kept, exactly as ``himap flops`` computes it."""
+    from .flops import prefill_flops_for
+
+    return prefill_flops_for(text_config, n_img=n_img, n_text=n_text, policy=policy).flops_kept
+
+
+def family(method: str, n_layers: int, **fixed) -> Callable[[int], Policy]:
+    """``budget -> policy`` for ``method`` with its other settings fixed (given in ``fixed`` or the defaults)."""
+    if method not in METHODS:
+        raise UserError(f"no budget rule for method {method!r}; choose one of {', '.join(METHODS)}")
+    given = {k: v for k, v in fixed.items() if v is not None}
+    if unknown := sorted(set(given) - set(SETTINGS[method])):
+        raise UserError(f"{method}'s budget rule fixes {', '.join(SETTINGS[method])}; got {', '.join(unknown)}")
+    base = {**defaults(method, n_layers), **given}
+    if method == "himap":
+        ratio = base.pop("ratio", HIMAP_R2_PER_R1)
+        k1, k2 = base["k1"], base["k2"]
+        return lambda r1: HiMAP(k1=k1, r1=r1, k2=k2, r2=max(1, round(r1 * ratio)))
+    if method == "fastv":
+        return lambda r: FastV(k=base["k"], r=r)
+    return lambda r: RandomPrune(k=base["k"], r=r, seed=base.get("seed", 0))
+
+
+def solve(method: str, *, n_layers: int, n_img: int, tokens: float | None = None, flops: float | None = None,
+          text_config=None, n_text: int | None = None, **fixed) -> Matched:
+    """The settings of ``method`` whose average image tokens per layer is closest to ``tokens``, or whose FLOPs
+    ratio is closest to ``flops`` (needs ``text_config`` and ``n_text``, the non-image tokens of the prompt).
+
+    ``fixed`` overrides the method's other settings (``k1``, ``k2``, ``ratio`` for HiMAP; ``k``, ``seed``)."""
+    if (tokens is None) == (flops is None):
+        raise UserError("give exactly one target: an average number of image tokens per layer or a FLOPs ratio")
+    with_flops = text_config is not None and n_text is not None
+    if flops is not None and not with_flops:
+        raise UserError("a FLOPs-ratio target needs the decoder's shape and the prompt's non-image token count")
+    make = family(method, n_layers, **fixed)
+    check(make(n_img), n_layers, n_img)         # the fixed layers fit this decoder
+    if tokens is not None:
+        metric, target = (lambda p: average_tokens(p, n_layers, n_img)), float(tokens)
+    else:
+        metric, target = (lambda p: flops_kept(p, text_config, n_img, n_text)), float(flops)
+    candidates = [make(b) for b in range(1, n_img + 1)]
+    values = [metric(p) for p in candidates]
+    if not values[0] - _slack(tokens) <= target <= values[-1] + _slack(tokens):
+        what = "average image tokens per layer" if tokens is not None else "FLOPs ratio"
+        raise UserError(f"{method} cannot reach {what} {target:g} on this model: it spans {values[0]:.4g} to "
+                        f"{values[-1]:.4g}")
+    best = min(range(len(values)), key=lambda i: abs(values[i] - target))
+    policy = candidates[best]
+    return Matched(policy, tuple(tokens_per_layer(policy, n_layers, n_img)), average_tokens(policy, n_layers, n_img),
+                   flops_kept(policy, text_config, n_img, n_text) if with_flops else None)
+
+
+def _slack(tokens: float | None) -> float:
+    """How far outside the reachable range a target may lie: one token for token targets, nothing for FLOPs."""
+    return 1.0 if tokens is not None else 0.0
+
+
+def match(methods: Sequence[str], **target) -> dict[str, Matched]:
+    """:func:`solve` for each of ``methods`` at the same target (same keyword arguments)."""
+    return {m: solve(m, **target) for m in methods}

@@ -1,0 +1,111 @@
+"""The budget solver: targets met within a token, the same answer as brute force over every setting, and the
+FLOPs ratio of ``himap flops`` (FastV's count, recomputed here from its formula)."""
+
+import itertools
+import json
+
+import pytest
+
+from himap.budget import METHODS, average_tokens, match, solve
+from himap.cli import main
+from himap.configs import preset_config
+from himap.errors import UserError
+from himap.policies import FastV, HiMAP, RandomPrune
+
+SHAPES = [(8, 144), (12, 36), (32, 576), (40, 576)]       # (decoder layers, image tokens)
+
+
+def _segments_mean(policy, n_layers: int, n_img: int) -> float:
+    """T = sum_i (L_i - L_{i-1}) * T_i / L, from the policy's stage boundaries (written out, not per layer)."""
+    bounds, counts = [0], [n_img]
+    for stage in policy.stages:
+        bounds.append(stage.layer)
+        counts.append(min(counts[-1], stage.keep))
+    bounds.append(n_layers)
+    return sum((bounds[i + 1] - bounds[i]) * counts[i] for i in range(len(counts))) / n_layers
+
+
+def _fastv_flops(n: int, d: int, m: int) -> int:
+    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+
+
+def _brute(method: str, n_layers: int, n_img: int) -> list:
+    """Every setting of ``method`` with the paper's layers and proportion, written independently of the solver."""
+    k2 = min(8, max(3, n_layers // 4))
+    if method == "himap":
+        return [HiMAP(2, r1, k2, max(1, round(r1 / 4))) for r1 in range(1, n_img + 1)]
+    if method == "fastv":
+        return [FastV(2, r) for r in range(1, n_img + 1)]
+    return [RandomPrune(2, r) for r in range(1, n_img + 1)]
+
+
+@pytest.mark.parametrize("n_layers,n_img", SHAPES)
+def test_token_target_is_met_and_no_setting_is_closer(n_layers, n_img):
+    for method, frac in itertools.product(METHODS, (0.0, 0.13, 0.5, 0.77, 1.0)):
+        means = [_segments_mean(p, n_layers, n_img) for p in _brute(method, n_layers, n_img)]
+        target = means[0] + frac * (means[-1] - means[0])          # anywhere in the reachable range
+        got = solve(method, n_layers=n_layers, n_img=n_img, tokens=target)
+        assert got.avg_tokens == pytest.approx(_segments_mean(got.policy, n_layers, n_img))
+        assert abs(got.avg_tokens - target) <= 1.0, (method, target, got)
+        assert abs(got.avg_tokens - target) == pytest.approx(min(abs(t - target) for t in means))
+
+
+def test_the_paper_setting_is_its_own_solution():
+    """LLaVA-1.5: HiMAP(2, 288, 8, 72) averages (2*576 + 6*288 + 24*72) / 32 = 144 tokens per layer."""
+    assert average_tokens(HiMAP(2, 288, 8, 72), 32, 576) == 144
+    assert solve("himap", n_layers=32, n_img=576, tokens=144).policy == HiMAP(2, 288, 8, 72)
+    fastv = solve("fastv", n_layers=32, n_img=576, tokens=144).policy
+    assert fastv == FastV(2, 115)             # (2*576 + 30 R) / 32 = 144  ->  R = 115.2
+
+
+@pytest.mark.parametrize("preset", ["llava-1.5-7b", "llava-1.5-13b"])
+def test_flops_target_agrees_with_himap_flops_and_brute_force(preset, capsys):
+    text = preset_config(preset).text_config
+    d, m, n_layers, n_img, n_sys, n_txt = (text.hidden_size, text.intermediate_size, text.num_hidden_layers, 576,
+                                           35, 60)
+    vanilla = n_layers * _fastv_flops(n_sys + n_txt + n_img, d, m)
+    for method in METHODS:
+        got = solve(method, n_layers=n_layers, n_img=n_img, flops=0.4, text_config=text, n_text=n_sys + n_txt)
+        by_hand = sum(_fastv_flops(n_sys + n_txt + t, d, m) for t in got.tokens_per_layer) / vanilla
+        assert got.flops_kept == pytest.approx(by_hand, rel=1e-12)
+        ratios = [sum(_fastv_flops(n_sys + n_txt + t, d, m) for t in _per_layer(p, n_layers, n_img)) / vanilla
+                  for p in _brute(method, n_layers, n_img)]
+        assert abs(got.flops_kept - 0.4) == pytest.approx(min(abs(r - 0.4) for r in ratios))
+        if method == "random":
+            continue                          # himap flops prices a random draw like FastV's
+        knobs = {"himap": ["--k1", "--r1", "--k2", "--r2"], "fastv": ["--k", "--r"]}[method]
+        values = [getattr(got.policy, k.strip("-")) for k in knobs]
+        assert main(["flops", "--model", preset, "--policy", method, "--text-tokens", str(n_txt), "--json",
+                     *[str(x) for pair in zip(knobs, values) for x in pair]]) == 0
+        assert json.loads(capsys.readouterr().out)["rows"][0]["flops_kept"] == pytest.approx(got.flops_kept)
+
+
+def _per_layer(policy, n_layers: int, n_img: int) -> list[int]:
+    out, present = [], n_img
+    for layer in range(n_layers):
+        present = min([present] + [s.keep for s in policy.stages if s.layer == layer])
+        out.append(present)
+    return out
+
+
+def test_matched_methods_share_the_target_and_fixed_settings_apply():
+    got = match(["himap", "fastv", "random"], n_layers=8, n_img=144, tokens=50)
+    assert all(abs(g.avg_tokens - 50) <= 1 for g in got.values())
+    assert solve("fastv", n_layers=8, n_img=144, tokens=60, k=3).policy.k == 3
+    himap = solve("himap", n_layers=8, n_img=144, tokens=50, k2=5, ratio=0.5).policy
+    assert himap.k2 == 5 and himap.r2 == max(1, round(himap.r1 / 2))
+
+
+def test_bad_targets_are_one_clear_error():
+    with pytest.raises(UserError, match="cannot reach"):
+        solve("fastv", n_layers=8, n_img=144, tokens=10)          # at least (2*144 + 6*1) / 8 = 36.75
+    with pytest.raises(UserError, match="exactly one target"):
+        solve("fastv", n_layers=8, n_img=144, tokens=50, flops=0.5)
+    with pytest.raises(UserError, match="decoder's shape"):
+        solve("fastv", n_layers=8, n_img=144, flops=0.5)
+    with pytest.raises(UserError, match="no budget rule"):
+        solve("nope", n_layers=8, n_img=144, tokens=50)
+    with pytest.raises(UserError, match="fixes k; got k1"):
+        solve("fastv", n_layers=8, n_img=144, tokens=50, k1=2)
+    with pytest.raises(UserError, match="must be <"):
+        solve("fastv", n_layers=8, n_img=144, tokens=50, k=8)
