@@ -31,36 +31,28 @@ from pathlib import Path
 
 import torch
 
+from .configs import DTYPES, image_tokens_for, is_original_llava, original_text_config
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
-# LLaMA fields of an original config that carry over to the llava-hf text config (the rest are LLaVA's mm_* keys)
-_TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
-                "bos_token_id", "eos_token_id", "tie_word_embeddings", "rope_theta", "rope_scaling",
-                "attention_bias", "mlp_bias", "head_dim")
 _SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")   # buffers old checkpoints saved
 _VOCAB_MULTIPLE = 64
 
 
-def is_original_llava(config: dict) -> bool:
-    """Whether a ``config.json`` dict is an original-format LLaVA config (llava-hf ones have ``text_config``)."""
-    return "text_config" not in config and ("mm_vision_tower" in config or "mm_hidden_size" in config
-                                            or "LlavaLlamaForCausalLM" in config.get("architectures", ()))
-
-
 def read_original_config(llava_path: str | Path) -> dict:
-    """The ``config.json`` of an original-format LLaVA-1.5 checkpoint, validated (one-line ``ValueError`` s)."""
+    """The ``config.json`` of an original-format LLaVA-1.5 checkpoint, validated (one-line ``UserError`` s)."""
     folder = Path(llava_path)
     if not folder.is_dir():
-        raise ValueError(f"LLaVA checkpoint folder not found: {folder}")
+        raise UserError(f"LLaVA checkpoint folder not found: {folder}")
     if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} has no config.json")
+        raise UserError(f"{folder} has no config.json")
     config = json.loads((folder / "config.json").read_text())
     if "text_config" in config:
-        raise ValueError(f"{folder} is already a llava-hf checkpoint (its config has text_config): load it directly")
+        raise UserError(f"{folder} is already a llava-hf checkpoint (its config has text_config): load it directly")
     if not is_original_llava(config) or "mm_hidden_size" not in config:
-        raise ValueError(f"{folder} is not an original-format LLaVA checkpoint: config.json lacks "
+        raise UserError(f"{folder} is not an original-format LLaVA checkpoint: config.json lacks "
                          "mm_vision_tower / mm_hidden_size")
     unsupported = {"mm_projector_type": ("mlp2x_gelu", config.get("mm_projector_type", "linear")),
                    "mm_patch_merge_type": ("flat", config.get("mm_patch_merge_type", "flat")),
@@ -69,16 +61,8 @@ def read_original_config(llava_path: str | Path) -> dict:
                    "mm_use_im_patch_token": (False, config.get("mm_use_im_patch_token", False))}
     for key, (supported, value) in unsupported.items():
         if value != supported and not (key == "mm_vision_select_feature" and value in _SELECT_FEATURE):
-            raise ValueError(f"{folder}: {key}={value!r} is not supported (LLaVA-1.5 uses {supported!r})")
+            raise UserError(f"{folder}: {key}={value!r} is not supported (LLaVA-1.5 uses {supported!r})")
     return config
-
-
-def original_text_config(config: dict):
-    """The ``LlamaConfig`` of an original LLaVA config's language model."""
-    from transformers import LlamaConfig
-
-    fields = {k: config[k] for k in _TEXT_FIELDS if config.get(k) is not None}
-    return LlamaConfig(**fields)
 
 
 def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -94,11 +78,11 @@ def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     else:
         files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files:
-        raise ValueError(f"{folder} holds no weights (*.safetensors or pytorch_model*.bin)")
+        raise UserError(f"{folder} holds no weights (*.safetensors or pytorch_model*.bin)")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         if not file.is_file():
-            raise ValueError(f"{index} names a missing shard: {file.name}")
+            raise UserError(f"{index} names a missing shard: {file.name}")
         if file.suffix == ".safetensors":
             tensors.update(load_file(file))
         else:
@@ -110,14 +94,14 @@ def _vision_config(vision_path: Path):
     from transformers import AutoConfig
 
     if not vision_path.is_dir():
-        raise ValueError(f"vision tower folder not found: {vision_path}")
+        raise UserError(f"vision tower folder not found: {vision_path}")
     if not (vision_path / "config.json").is_file():
-        raise ValueError(f"{vision_path} has no config.json")
+        raise UserError(f"{vision_path} has no config.json")
     config = AutoConfig.from_pretrained(vision_path)
     if config.model_type == "clip":
         return config.vision_config
     if config.model_type != "clip_vision_model":
-        raise ValueError(f"{vision_path} is not a CLIP vision checkpoint: model_type={config.model_type!r}")
+        raise UserError(f"{vision_path} is not a CLIP vision checkpoint: model_type={config.model_type!r}")
     return config
 
 
@@ -131,7 +115,7 @@ def _image_processor(vision_path: Path, image_size: int):
             processor = CLIPImageProcessor.from_pretrained(vision_path)
             crop = processor.crop_size if processor.do_center_crop else processor.size
             if (crop.get("height"), crop.get("width")) != (image_size, image_size):
-                raise ValueError(f"{vision_path}: the image processor crops to {crop}, the tower expects "
+                raise UserError(f"{vision_path}: the image processor crops to {crop}, the tower expects "
                                  f"{image_size}x{image_size}")
             return processor
         return CLIPImageProcessor(size={"shortest_edge": image_size},
@@ -149,12 +133,12 @@ def _tokenizer(llava_path: Path):
 
         missing = [m for m in ("sentencepiece", "google.protobuf") if importlib.util.find_spec(m.split(".")[0]) is None]
         if missing:
-            raise ValueError(f"{llava_path} ships a SentencePiece tokenizer.model: reading it needs "
+            raise UserError(f"{llava_path} ships a SentencePiece tokenizer.model: reading it needs "
                              f"{' and '.join(m.split('.')[-1] for m in missing)} (pip install sentencepiece protobuf)")
     try:   # a named image token is added to the vocabulary (as the next id) and saved as tokenizer.image_token
         tokenizer = AutoTokenizer.from_pretrained(llava_path, extra_special_tokens={"image_token": "<image>"})
     except (OSError, ValueError, TypeError) as err:
-        raise ValueError(f"{llava_path}: cannot load its tokenizer: {str(err).splitlines()[0]}") from None
+        raise UserError(f"{llava_path}: cannot load its tokenizer: {str(err).splitlines()[0]}") from None
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
@@ -205,13 +189,11 @@ def _check_keys(model, tensors: dict, source: Path) -> None:
     expected, got = set(model.state_dict()), set(tensors)
     for what, keys in (("lacks", sorted(expected - got)), ("has unexpected", sorted(got - expected))):
         if keys:
-            raise ValueError(f"{source}: the converted checkpoint {what} {len(keys)} tensors, e.g. {keys[:3]}")
+            raise UserError(f"{source}: the converted checkpoint {what} {len(keys)} tensors, e.g. {keys[:3]}")
 
 
 def _llava_config(original: dict, vision_config, tokenizer, vocab: int, dtype: str):
     from transformers import LlavaConfig
-
-    from .costs import image_tokens_for
 
     text_config = original_text_config(original)
     text_config.vocab_size, text_config.pad_token_id = vocab, tokenizer.pad_token_id
@@ -248,25 +230,23 @@ def convert(llava_path: str | Path, vision_path: str | Path, out: str | Path, *,
     whole into a temporary sibling and renamed, so a failed conversion leaves no partial checkpoint."""
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-    from .loading import DTYPES
-
     llava_path, vision_path, out = Path(llava_path), Path(vision_path), Path(out)
     original = read_original_config(llava_path)
     vision_config = _vision_config(vision_path)
     if vision_config.hidden_size != original["mm_hidden_size"]:
-        raise ValueError(f"{vision_path}: tower hidden size {vision_config.hidden_size} != the checkpoint's "
+        raise UserError(f"{vision_path}: tower hidden size {vision_config.hidden_size} != the checkpoint's "
                          f"mm_hidden_size {original['mm_hidden_size']}")
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"output folder is not empty: {out}")
+        raise UserError(f"output folder is not empty: {out}")
     if dtype == "auto":
         dtype = original.get("torch_dtype") or original.get("dtype") or "float32"
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
 
     tokenizer = _tokenizer(llava_path)
     llava = read_state_dict(llava_path)
     if "model.embed_tokens.weight" not in llava:
-        raise ValueError(f"{llava_path}: no model.embed_tokens.weight among its tensors: not a LLaVA-LLaMA checkpoint")
+        raise UserError(f"{llava_path}: no model.embed_tokens.weight among its tensors: not a LLaVA-LLaMA checkpoint")
     rows = math.ceil(max(len(tokenizer), llava["model.embed_tokens.weight"].shape[0]) / _VOCAB_MULTIPLE)
     rows *= _VOCAB_MULTIPLE
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -282,7 +262,7 @@ def convert(llava_path: str | Path, vision_path: str | Path, out: str | Path, *,
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as err:   # shape mismatches
-        raise ValueError(f"{llava_path}: {str(err).splitlines()[-1].strip()}") from None
+        raise UserError(f"{llava_path}: {str(err).splitlines()[-1].strip()}") from None
 
     processor = LlavaProcessor(image_processor=_image_processor(vision_path, vision_config.image_size),
                                tokenizer=tokenizer, patch_size=vision_config.patch_size,

@@ -17,7 +17,8 @@ and check that both counts give nearly the same pruned / vanilla ratio.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
+
+from .errors import UserError
 
 
 def layer_flops(n: int, d: int, m: int) -> int:
@@ -41,25 +42,18 @@ def layer_matmul_flops(n: int, *, hidden: int, ffn: int, heads: int, kv_heads: i
 
 
 def image_tokens_per_layer(n_img: int, n_layers: int, policy=None) -> list[int]:
-    """How many image tokens each decoder layer processes under ``policy`` (None: vanilla)."""
+    """How many image tokens each decoder layer processes under ``policy`` (None: vanilla), for one sample with
+    ``n_img`` image tokens."""
     stages = policy.stages if policy is not None else ()
     for stage in stages:
         if stage.layer >= n_layers:
-            raise ValueError(f"{stage.name}={stage.layer} must be < the number of decoder layers ({n_layers})")
-    keep = {s.layer: s.keep for s in stages}
+            raise UserError(f"{stage.name}={stage.layer} must be < the number of decoder layers ({n_layers})")
+    keep = {s.layer: s.count(n_img) for s in stages}   # fractions are of the original count, for every stage
     counts, present = [], n_img
     for layer in range(n_layers):
         present = min(present, keep.get(layer, present))
         counts.append(present)
     return counts
-
-
-def image_tokens_for(config) -> int:
-    """Image tokens per image a llava-hf ``LlavaConfig`` implies: one per patch, plus the CLS token when the
-    ``vision_feature_select_strategy`` is ``"full"``."""
-    vision = config.vision_config
-    n = (vision.image_size // vision.patch_size) ** 2
-    return n + (getattr(config, "vision_feature_select_strategy", "default") == "full")
 
 
 @dataclass(frozen=True)
@@ -94,41 +88,3 @@ def prefill_matmul_flops_for(text_config, *, n_img: int, n_text: int, policy=Non
                  kv_heads=getattr(c, "num_key_value_heads", None), head_dim=getattr(c, "head_dim", None))
     return sum(layer_matmul_flops(n_text + k, **shape)
                for k in image_tokens_per_layer(n_img, c.num_hidden_layers, policy))
-
-
-def read_model_config(spec: str | Path) -> tuple[object, int | None]:
-    """``(text_config, image tokens per image or None)`` of a preset name (``llava-1.5-7b``/``-13b``), a
-    ``config.json``, or a checkpoint folder holding one: llava-hf, original-format LLaVA (image tokens read from
-    the tower's name, e.g. ``...-patch14-336`` -> 576), or a plain language-model config (``None``)."""
-    import json
-    import re
-
-    from transformers import AutoConfig, LlavaConfig
-
-    from .configs import PRESETS, preset_config
-    from .convert import is_original_llava, original_text_config
-
-    if str(spec) in PRESETS:
-        config = preset_config(str(spec))
-        return config.text_config, image_tokens_for(config)
-    path = Path(spec)
-    path = path / "config.json" if path.is_dir() else path
-    if not path.is_file():
-        raise ValueError(f"no such preset or config: {spec} (presets: {', '.join(PRESETS)})")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    if "text_config" in raw:
-        config = LlavaConfig.from_dict(raw)
-        return config.text_config, image_tokens_for(config)
-    if is_original_llava(raw):
-        tower = re.search(r"patch(\d+)-(\d+)", str(raw.get("mm_vision_tower", "")))
-        n_img = (int(tower[2]) // int(tower[1])) ** 2 if tower else None
-        return original_text_config(raw), n_img
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers") if k not in raw]
-    if missing or "model_type" not in raw:
-        raise ValueError(f"{path} is not a model config: lacks {', '.join(missing or ['model_type'])}")
-    return AutoConfig.for_model(**raw), None

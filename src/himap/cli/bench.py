@@ -1,4 +1,4 @@
-"""``himap bench``: latency, memory and KV-cache benchmark of vanilla vs HiMAP vs FastV."""
+"""``himap bench``: latency, memory and KV-cache benchmark of pruning policies on one model."""
 
 from __future__ import annotations
 
@@ -7,17 +7,20 @@ import json
 import logging
 from pathlib import Path
 
-from .. import benchmark as bm
+from .. import perf as bm
+from ..errors import UserError
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="time prefill / generation of vanilla vs HiMAP vs FastV",
+    from ..configs import PRESETS
+
+    p = subparsers.add_parser("bench", help="time prefill / decode of vanilla vs HiMAP / FastV / random",
                               description=bm.__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=("llava-1.5-7b", "llava-1.5-13b"),
-                     help="random-weight model of this shape (default llava-1.5-7b unless --model-path)")
-    src.add_argument("--model-path", help="a local llava-hf checkpoint folder instead of a preset")
-    p.add_argument("--layers", type=int, help="truncate the preset's decoder to N layers (HiMAP needs >= 9)")
+    src.add_argument("--model", "--preset", dest="preset", choices=tuple(PRESETS),
+                     help="random-weight model of this family's shape (default llava-1.5-7b unless --model-path)")
+    src.add_argument("--model-path", help="a local checkpoint folder instead of a preset")
+    p.add_argument("--layers", type=int, help="truncate the preset's decoder to N layers (the paper's K2=8 needs >= 9)")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
@@ -45,7 +48,7 @@ def _layout(args: argparse.Namespace, tokenizer, n_img: int) -> bm.Layout:
     if args.tokenizer:
         tokenizer = bm.load_tokenizer(args.tokenizer)
     if args.questions and tokenizer is None:
-        raise ValueError("--questions needs --tokenizer (or a checkpoint) to count tokens")
+        raise UserError("--questions needs --tokenizer (or a checkpoint) to count tokens")
     layout = bm.measure_layout(tokenizer, n_img, args.questions) if tokenizer is not None else bm.Layout(
         n_sys=bm.DEFAULT_SYS_TOKENS, n_img=n_img, n_txt=bm.DEFAULT_TXT_TOKENS)
     if args.n_sys is None and args.n_txt is None:
@@ -57,33 +60,28 @@ def _layout(args: argparse.Namespace, tokenizer, n_img: int) -> bm.Layout:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..costs import image_tokens_for
-    from ..loading import DTYPES, resolve_device
+    from ..configs import DTYPES, preset
+    from ..loading import resolve_device
 
     logging.basicConfig(level=logging.WARNING)
-    device = resolve_device(args.device)
-    preset = args.preset or (None if args.model_path else "llava-1.5-7b")
+    name = args.preset or (None if args.model_path else "llava-1.5-7b")
     settings = bm.Settings(repeats=args.repeats, warmup=args.warmup, gen_repeats=args.gen_repeats,
                            profile_repeats=args.profile_repeats,
                            new_tokens=tuple(args.new_tokens), nocache_tokens=tuple(args.nocache_tokens))
-    if preset is not None:  # fail on a too-shallow truncation before building gigabytes of weights
-        from ..configs import preset_config
-
-        config = preset_config(preset, layers=args.layers)
-        n_img = image_tokens_for(config)
-        bm.check_policies(bm.default_policies(n_img), config.text_config.num_hidden_layers, n_img)
-    model, tokenizer, description = bm.build_model(preset=preset, layers=args.layers, model_path=args.model_path,
-                                                   dtype=DTYPES[args.dtype], device=device,
-                                                   attn_implementation=args.attn)
-    layout = _layout(args, tokenizer, image_tokens_for(model.config))
+    if name is not None:  # fail on a too-shallow truncation before building gigabytes of weights
+        shape = preset(name)
+        depth = args.layers if args.layers is not None else shape.text["num_hidden_layers"]
+        bm.check_policies(bm.bench_policies(shape.text["num_hidden_layers"]), depth, shape.image_tokens)
+    model, tokenizer, description, full_depth = bm.build_model(
+        preset=name, layers=args.layers, model_path=args.model_path, dtype=DTYPES[args.dtype],
+        device=resolve_device(args.device), attn_implementation=args.attn)
+    layout = _layout(args, tokenizer, bm.typical_image_tokens(model))
     with torch.inference_mode():
-        result = bm.run_benchmark(model, layout, settings=settings, description=description)
+        result = bm.run_benchmark(model, layout, settings=settings, description=description, full_depth=full_depth)
     text = bm.format_markdown(result)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text)
+    for path, content in ((args.out, json.dumps(result, indent=2) + "\n"), (args.markdown, text)):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
     print(text)
     return 0

@@ -1,27 +1,24 @@
-"""Measuring primitives for the benchmark: device-synchronised clocks around module spans and around the
-pruning engine's own work, peak memory (CUDA allocator or sampled CPU RSS), KV-cache size, and summaries."""
+"""Clocks for the benchmark: device-synchronised timers around module spans, the engine's own work read from
+its named profiler ranges, KV-cache size, and summaries of repeated samples."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from . import engine, hooks
-
 
 def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter."""
     return next(model.parameters()).device
 
 
 def syncer(device: torch.device) -> Callable[[], None]:
+    """A function that waits for the device's queued work (a no-op on CPU)."""
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
@@ -48,123 +45,27 @@ def span_timer(start: nn.Module, end: nn.Module, sync: Callable[[], None], out: 
             h.remove()
 
 
-class _Clock:
-    """Accumulates seconds per label for wrapped callables; nested wrapped calls count once (outermost)."""
-
-    def __init__(self, sync: Callable[[], None]):
-        self.sync, self.seconds, self.calls, self._depth = sync, {}, {}, 0
-
-    def wrap(self, label: str, fn: Callable) -> Callable:
-        def timed(*args, **kwargs):
-            if self._depth:
-                return fn(*args, **kwargs)
-            self.sync()
-            self._depth += 1
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.sync()
-                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
-                self.calls[label] = self.calls.get(label, 0) + 1
-                self._depth -= 1
-        return timed
+# The named profiler ranges the engine opens around its own work (torch.profiler.record_function).
+ENGINE_RANGES = {"scoring": "himap.score", "gather": "himap.gather"}
 
 
 @contextlib.contextmanager
-def pruning_clock(pruner: engine.Pruner, sync: Callable[[], None]) -> Iterator[_Clock]:
-    """Time the pruner's work without editing the engine: ``scoring`` = the scoring attention hooks (their
-    ``qk``, which calls ``Pruner.resolve``) plus random draws; ``gather`` = gathering kept hidden rows and
-    restricting the mask / RoPE tables. Instance attributes shadow the methods and are deleted afterwards."""
-    clock = _Clock(sync)
-    scorers = [h for hs in list(hooks._HOOKS.values()) for h in hs
-               if isinstance(h, engine._Scorer) and h.pruner is pruner]
-    if len(scorers) != sum(s.query != "random" for s in pruner.stages):
-        raise ValueError("cannot find the engine's scoring hooks (did himap.engine change?)")
-    patched = [(s, "qk", "scoring") for s in scorers] + [
-        (pruner, "resolve", "scoring"), (pruner, "_gather_hidden", "gather"), (pruner, "_restricted", "gather")]
-    for obj, attr, label in patched:
-        setattr(obj, attr, clock.wrap(label, getattr(obj, attr)))
-    try:
-        yield clock
-    finally:
-        for obj, attr, _ in patched:
-            delattr(obj, attr)
+def engine_ranges(device: torch.device) -> Iterator[dict]:
+    """``{"scoring": s, "gather": s, "scoring_calls": n, "gather_calls": n}`` after the block: the time spent in
+    the engine's named ranges, read from a ``torch.profiler`` run around the block. Seconds are the host's time
+    inside the ranges: on CUDA that includes any synchronisation inside them but not kernels still queued when
+    a range closes (the prefill's own time, measured around it with a synchronisation, does include them)."""
+    from torch.profiler import ProfilerActivity, profile
 
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _heap_reader() -> tuple[Callable[[], int] | None, str]:
-    """A function giving the process's CPU memory in use, and its name: glibc's ``mallinfo2`` (bytes handed out
-    by malloc, arena + mmapped: exact live allocations, torch's CPU tensors included), else RSS from /proc."""
-    try:
-        fn = ctypes.CDLL("libc.so.6").mallinfo2
-        fn.restype = _MallInfo2
-
-        def in_use() -> int:
-            info = fn()
-            return info.uordblks + info.hblkhd
-        in_use()
-        return in_use, "malloc'd bytes (glibc mallinfo2)"
-    except (OSError, AttributeError):
-        pass
-    if not os.path.exists("/proc/self/statm"):
-        return None, "unavailable"
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
-    return rss, "RSS (approximate: the allocator reuses freed memory)"
-
-
-class _CpuPeak:
-    """Peak growth of CPU memory in use over a block, sampled every ``interval`` s in a thread (short peaks
-    between two samples can be missed; a prefill's per-layer peaks last far longer)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval, self.growth = interval, None
-        self.read, self.source = _heap_reader()
-
-    def __enter__(self) -> "_CpuPeak":
-        if self.read is not None:
-            self._base = self._peak = self.read()
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._peak = max(self._peak, self.read())
-
-    def __exit__(self, *exc) -> None:
-        if self.read is not None:
-            self._stop.set()
-            self._thread.join()
-            self.growth = max(self._peak, self.read()) - self._base
-
-
-@contextlib.contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict]:
-    """``{"bytes", "kind"}`` after the block: the peak memory in use above the amount at entry. CUDA:
-    ``max_memory_allocated``; CPU: sampled malloc'd bytes (or RSS where glibc's ``mallinfo2`` is missing)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out: dict = {}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+    with profile(activities=activities) as prof:
         yield out
-        torch.cuda.synchronize(device)
-        out.update(bytes=torch.cuda.max_memory_allocated(device) - base, kind="cuda max_memory_allocated - at start")
-        return
-    with _CpuPeak() as peak:
-        yield out
-    out.update(bytes=peak.growth,
-               kind=f"cpu {peak.source}, peak - at start, sampled every {peak.interval * 1e3:.0f} ms")
+    events = {e.key: e for e in prof.key_averages()}
+    for label, name in ENGINE_RANGES.items():
+        e = events.get(name)
+        out[label] = 0.0 if e is None else e.cpu_time_total * 1e-6
+        out[f"{label}_calls"] = 0 if e is None else e.count
 
 
 def kv_cache_bytes(cache) -> int:
