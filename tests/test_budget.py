@@ -109,3 +109,13 @@ def test_bad_targets_are_one_clear_error():
         solve("fastv", n_layers=8, n_img=144, tokens=50, k1=2)
     with pytest.raises(UserError, match="must be <"):
         solve("fastv", n_layers=8, n_img=144, tokens=50, k=8)
+
+
+def test_budget_command_prints_eval_flags_and_defaults_to_the_paper_setting(capsys):
+    """With no target the paper's HiMAP setting is matched: on LLaVA-1.5 that is HiMAP(2, 288, 8, 72) itself."""
+    assert main(["budget", "--model-path", "llava-1.5-7b", "--eval-flags", "himap"]) == 0
+    assert capsys.readouterr().out.split() == "--policy himap --k1 2 --r1 288 --k2 8 --r2 72".split()
+    assert main(["budget", "--model-path", "llava-1.5-7b", "--tokens", "144", "--eval-flags", "fastv"]) == 0
+    assert capsys.readouterr().out.split() == "--policy fastv --k 2 --r 115".split()
+    assert main(["budget", "--model-path", "llava-1.5-7b", "--tokens", "5"]) == 2
+    assert "cannot reach" in capsys.readouterr().err

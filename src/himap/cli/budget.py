@@ -1,0 +1,77 @@
+"""``himap budget``: each method's settings for one target (average image tokens per layer, or a FLOPs ratio)."""
+
+from __future__ import annotations
+
+import argparse
+
+# non-image tokens of a LLaVA-1.5 prompt: the vicuna_v1 system prompt (35 LLaMA tokens) and a 60-token question
+DEFAULT_TEXT_TOKENS = 95
+
+
+def register(sub) -> None:
+    from ..budget import METHODS
+
+    p = sub.add_parser("budget", help="each method's settings at a matched budget",
+                       description="Solves HiMAP's R1 (K1, K2 and R2 = R1/4 as in the paper) and FastV's / random's "
+                                   "R (at K = 2) so that every method keeps the same average number of image tokens "
+                                   "per decoder layer, T = sum_i (L_i - L_{i-1}) * T_i / L, or the same prefill FLOPs "
+                                   "ratio (FastV's count, as 'himap flops'). See docs/budgets.md.")
+    p.add_argument("--model-path", help="checkpoint folder, config.json or preset (default: the embedded demo)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--tokens", type=float, help="average image tokens per decoder layer (default: what the "
+                                                     "paper's HiMAP setting, scaled to the model, keeps)")
+    target.add_argument("--flops", type=float, help="whole-sequence prefill FLOPs kept, a ratio in (0, 1]")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS,
+                   help=f"non-image tokens of the prompt, for the FLOPs ratio (default {DEFAULT_TEXT_TOKENS}: "
+                        "LLaVA-1.5's 35 system tokens and a 60-token question)")
+    p.add_argument("--eval-flags", choices=METHODS, metavar="METHOD",
+                   help="print only the 'himap eval' flags of METHOD's solved settings (for scripts)")
+    p.set_defaults(run=run)
+
+
+def _shape(model_path: str | None):
+    from ..configs import read_model_config
+    from ..errors import UserError
+
+    if model_path is None:
+        from ..data.demo import ensure_demo
+
+        model_path = str(ensure_demo().model_dir)
+    shape = read_model_config(model_path)
+    if shape.image_tokens is None:
+        raise UserError(f"{model_path}: the image-token count varies per image ({shape.image_note}); "
+                        "a budget needs a fixed count")
+    return shape.text_config, shape.image_tokens
+
+
+def eval_flags(policy) -> list[str]:
+    """``--policy NAME --field value ...`` for ``himap eval``."""
+    from ..policies import to_params
+
+    params = to_params(policy)
+    return ["--policy", params.pop("name"), *[x for k, v in params.items() for x in (f"--{k}", str(v))]]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..budget import average_tokens, match
+    from ..policies import from_params
+
+    text, n_img = _shape(args.model_path)
+    n_layers = text.num_hidden_layers
+    target = {"flops": args.flops} if args.flops is not None else {
+        "tokens": args.tokens if args.tokens is not None else
+        average_tokens(from_params("himap", n_layers=n_layers, n_img=n_img), n_layers, n_img)}
+    methods = [args.eval_flags] if args.eval_flags else args.methods
+    solved = match(methods, n_layers=n_layers, n_img=n_img, text_config=text, n_text=args.text_tokens, **target)
+    if args.eval_flags:
+        print(" ".join(eval_flags(solved[args.eval_flags].policy)))
+        return 0
+    goal = (f"FLOPs ratio {args.flops:g}" if args.flops is not None else
+            f"{target['tokens']:.2f} image tokens per layer on average")
+    print(f"{n_layers} decoder layers, {n_img} image tokens, {args.text_tokens} non-image tokens; target: {goal}")
+    print(f"{'method':<8} {'settings':<40} {'avg tokens/layer':>16} {'of image':>9} {'FLOPs kept':>10}")
+    for name, m in solved.items():
+        print(f"{name:<8} {' '.join(eval_flags(m.policy)[2:]):<40} {m.avg_tokens:>16.2f} "
+              f"{m.avg_tokens / n_img:>9.1%} {m.flops_kept:>10.1%}")
+    return 0
