@@ -177,10 +177,10 @@ def test_model_validation(make_model):
     model = make_model()
     with pytest.raises(ValueError, match=r"k2=6 must be < the number of decoder layers \(6\)"):
         himap.apply(model, himap.HiMAP(k1=2, r1=18, k2=6, r2=6))
-    with pytest.raises(ValueError, match="LLaVA-style model"):
+    with pytest.raises(ValueError, match="himap supports these VLM families: LLaVA-1.5, .*; got LlamaModel"):
         himap.apply(model.model.language_model, himap.HiMAP())
     with himap.apply(model, himap.HiMAP(k1=2, r1=37, k2=4, r2=6)):
-        with pytest.raises(ValueError, match="r=37 exceeds the 36 image tokens"):
+        with pytest.raises(ValueError, match="r1=37 exceeds the 36 image tokens"):
             model(**make_inputs(model))
     with himap.apply(model, himap.FastV(k=2, r=4)):
         with pytest.raises(ValueError, match="already applied"):
@@ -191,7 +191,7 @@ def test_model_validation(make_model):
 def test_unsupported_language_model(make_model):
     from himap.configs import random_llava, tiny_config
     model = random_llava(tiny_config(layers=2, text_model_type="gemma"))
-    with pytest.raises(ValueError, match="unsupported language model type 'gemma'"):
+    with pytest.raises(ValueError, match="unsupported language model type 'gemma' in a LLaVA-1.5 model"):
         himap.apply(model, himap.FastV(k=1, r=4))
 
 

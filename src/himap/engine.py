@@ -1,19 +1,28 @@
-"""Where pruning happens: ``himap.apply(model, policy)``.
+"""Where pruning happens: ``himap.apply(model, policy)``, on every family of :mod:`himap.models`.
 
-Three kinds of hooks on a stock ``transformers`` LLaVA, all removed by ``handle.remove()``:
+Hooks on the stock ``transformers`` model, all removed by ``handle.remove()``:
 
-1. a pre-hook on the multimodal model reads ``input_ids`` (the decoder only sees embeddings) and starts an
-   *episode* on every prefill (empty cache): token groups are derived per sample (:mod:`himap.spans`);
+1. a pre-hook on the module that sees ``input_ids`` starts an *episode* on every prefill (empty cache): token
+   groups per sample (:mod:`himap.spans`), and the prefill's one host sync, which reads each sample's layout
+   (visual-token count, first/last visual and last real position) so that every budget and shape that follows is
+   known on the host;
 2. an attention hook (:mod:`himap.hooks`) on layer ``K - 1`` of every stage recomputes, from that layer's
-   query/key states, the attention of only the voting rows and picks the kept image tokens;
+   query/key states, the attention of a window of rows holding every voting row, for the whole batch at once,
+   and picks each sample's kept visual tokens (sort-based ranks against per-sample counts: no sync);
 3. a pre-hook on every decoder layer from the first pruned one gathers the kept hidden states (at ``K``) and
    hands each layer the stock mask / RoPE tables / position ids restricted to the kept positions, so kept tokens
-   keep their original positions and the causal/padding mask stays exact.
+   keep their original positions (1-D or 3-D M-RoPE) and every mask kind (causal, padding, sliding window,
+   bidirectional image blocks) stays exact.
 
-With a KV cache, each layer's cache holds its own (pruned) length; decode steps append to it, their mask is
-the stock mask with the dropped columns removed, and their position ids continue from the unpruned length
-(layer 0 is never pruned, so ``cache.get_seq_length()`` still reads it). Without a cache every forward is a
-prefill and pruning is recomputed, as in the original code. An input without image tokens runs unpruned.
+Ragged batches: samples may keep different numbers of tokens. The pruned sequence is then padded on the left
+with *filler* slots (copies of dropped positions, never attended by any other token, each attending only to
+itself), so each sample computes exactly what it computes alone.
+
+With a KV cache, each layer's cache holds its own (pruned) length; decode steps append to it. Their mask is
+built from the original positions of the cached keys (padding, causality, the cache layer's sliding window),
+which stays exact whichever layer transformers sized its masks from; decode position ids come from layer 0,
+which is never pruned. Without a cache every forward is a prefill and pruning is recomputed, as in the original
+code. A sample without visual tokens runs unpruned.
 """
 
 from __future__ import annotations
@@ -23,39 +32,77 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.profiler import record_function
+from transformers.cache_utils import DynamicLayer
 
 from . import hooks
-from .models import decoder_layers
-from .policies import Policy, Stage, random_kept, top_kept
+from .errors import UserError
+from .models import decoder_layers, family_of, language_model, visual_token_ids
+from .policies import Policy, Stage, check, random_kept
 from .spans import IMG, PAD, TXT, group_codes, on_model_inputs
+
+
+@dataclass
+class _Layout:
+    """Host-side facts of one prefill (read with its one host sync)."""
+
+    length: int                    # N, the prompt length (padding included)
+    n_img: list[int]               # visual tokens per sample
+    first_img: list[int]           # position of the first visual token (0 without any)
+    tail: list[int]                # positions after the last visual token
+    from_end: list[int]            # N - position of the last real token
+    padded: bool                   # some position is padding
+
+
+@dataclass
+class _Seq:
+    """The sequence one stage leaves: ``M`` slots per sample, fillers first where samples differ."""
+
+    index: torch.Tensor            # (B, M) original positions of the slots
+    local: torch.Tensor | None     # (B, M) positions in the previous sequence (None for the prompt)
+    codes: torch.Tensor            # (B, M) token group of every slot (PAD for fillers)
+    valid: torch.Tensor | None     # (B, M) False for filler slots; None when there are none
+    counts: list[int]              # visual tokens left per sample
+    fillers: list[int]             # filler slots per sample
+    memo: dict = field(default_factory=dict)   # (name, id(stock)) -> (stock, restricted)
+
+    @property
+    def width(self) -> int:
+        return self.index.shape[1]
 
 
 @dataclass
 class _Episode:
     """What one prefill decided, reused by the decode steps that follow it."""
 
-    length: int                 # unpruned prefill length N
-    groups: torch.Tensor        # (B, N_cur) token group of every position of the current sequence
-    index: list = field(default_factory=list)   # per resolved stage: (B, N_s) original positions kept
-    local: list = field(default_factory=list)   # per resolved stage: (B, N_s) positions in the previous stage
+    layout: _Layout
+    seqs: list[_Seq]               # [the prompt, stage 1's sequence, ...]
+    total: int                     # positions seen so far (prompt + decoded)
+    sdpa: bool                     # the layers' attention takes bool masks (else additive float masks)
     prefill: bool = True
-    gathered: dict = field(default_factory=dict)  # (stage, name) -> (stock object, restricted object)
+    current: int = 0               # the sequence the running layer works on (index into seqs)
+    attention_mask: torch.Tensor | None = None   # (B, total) the 2-D padding mask of the current forward
+    step_memo: dict = field(default_factory=dict)
+    kept: tuple | None = None
 
 
 class Pruner:
     """Handle returned by :func:`apply`; a context manager. ``kept`` holds, per stage of the last prefill, the
-    (B, r) original positions of the image tokens that stayed."""
+    original positions of the visual tokens that stayed: a (B, r) tensor, or a list of (r_b,) tensors when the
+    samples keep different numbers."""
 
     def __init__(self, model: nn.Module, policy: Policy):
+        family_of(model)
         layers = decoder_layers(model)
         self.model, self.policy, self.stages = model, policy, policy.stages
-        for stage in self.stages:
-            if stage.layer >= len(layers):
-                raise ValueError(f"{stage.name}={stage.layer} must be < the number of decoder layers ({len(layers)})")
-        self.image_token_id = model.config.image_token_id
-        self.kept: tuple[torch.Tensor, ...] = ()
+        self._n_layers, self._text_config = len(layers), language_model(model).config
+        check(policy, self._n_layers)
+        self.visual_ids = visual_token_ids(model)
         self._episode: _Episode | None = None
         first = self.stages[0].layer
+        # layer -> the stage whose sequence it runs on (host table: no search per forward)
+        self._stage_of = {i: max(s for s, st in enumerate(self.stages) if st.layer <= i)
+                          for i in range(first, len(layers))}
         scorers = {s.layer - 1: [_Scorer(self, i)] for i, s in enumerate(self.stages) if s.query != "random"}
         self._handles = [
             on_model_inputs(model, self._on_inputs),
@@ -63,6 +110,8 @@ class Pruner:
               for i in range(first, len(layers))),
             hooks.attach(layers, scorers),
         ]
+        if family_of(model).deepstack:
+            self._handles.append(_DeepstackPatch(language_model(model), self))
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -77,103 +126,222 @@ class Pruner:
     def __exit__(self, *exc) -> None:
         self.remove()
 
+    @property
+    def kept(self) -> tuple:
+        ep = self._episode
+        if ep is None:
+            return ()
+        if ep.kept is None and len(ep.seqs) == len(self.stages) + 1:
+            ep.kept = tuple(_kept_positions(seq) for seq in ep.seqs[1:])
+        return ep.kept or ()
+
     # -- 1. episodes -----------------------------------------------------------------------------------------
     def _on_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prefill: bool) -> None:
         if prefill:
             self._episode = self._start(input_ids, attention_mask)
         elif self._episode is not None:
-            self._episode.prefill = False
+            ep = self._episode
+            ep.prefill, ep.attention_mask, ep.step_memo = False, attention_mask, {}
+            ep.total += input_ids.shape[1]
 
     def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _Episode | None:
-        groups = group_codes(input_ids, self.image_token_id, attention_mask)
-        counts = (groups == IMG).sum(1).tolist()
-        self.kept = ()
-        if max(counts) == 0:
+        codes = group_codes(input_ids, self.visual_ids, attention_mask)               # (B, N)
+        batch, n = codes.shape
+        is_img = codes == IMG
+        real = torch.ones_like(is_img) if attention_mask is None else attention_mask.bool()
+        stats = torch.stack([is_img.sum(1), is_img.int().argmax(1), is_img.flip(1).int().argmax(1),
+                             real.flip(1).int().argmax(1), real.sum(1)])
+        # The prefill's one host sync: every budget and every later shape depends on these counts.
+        n_img, first, last_from_end, real_from_end, n_real = stats.tolist()
+        if max(n_img) == 0:
             return None
-        if min(counts) != max(counts):
-            raise ValueError(f"every sample of a batch needs the same number of image tokens, got {counts}")
-        if self.stages[0].keep > counts[0]:
-            raise ValueError(f"r={self.stages[0].keep} exceeds the {counts[0]} image tokens of the input")
-        return _Episode(length=input_ids.shape[1], groups=groups)
+        for count in set(n_img) - {0}:
+            check(self.policy, self._n_layers, count)
+        layout = _Layout(n, n_img, first, last_from_end, [r + 1 for r in real_from_end],
+                         padded=min(n_real) < n)
+        index = torch.arange(n, device=codes.device).expand(batch, n)
+        prompt = _Seq(index, None, codes, None, n_img, [0] * batch)
+        sdpa = hooks.inner_implementation(self._text_config) == "sdpa"
+        return _Episode(layout, [prompt], total=n, sdpa=sdpa, attention_mask=attention_mask)
 
     # -- 2. choosing the kept tokens -------------------------------------------------------------------------
-    def resolve(self, stage: Stage, votes: list[torch.Tensor] | None) -> None:
-        """Fix the next stage: ``votes[b]`` scores the image tokens of sample b in the current sequence."""
+    def rows(self, stage: Stage) -> tuple[int, int, torch.Tensor]:
+        """The window [lo, hi) of rows of the current sequence holding every voting row of ``stage``, and the
+        (B, hi - lo) weight of each row (1 for a voting row)."""
         ep = self._episode
-        groups = ep.groups
-        locals_ = []
-        for b in range(groups.shape[0]):
-            img = (groups[b] == IMG).nonzero().squeeze(1)
-            if votes is None:
-                chosen = img[random_kept(len(img), stage.keep, stage.seed, img.device)]
-            else:
-                chosen = img[top_kept(votes[b].to(img.device), stage.keep)]
-            keep = torch.cat([(groups[b] != IMG).nonzero().squeeze(1), chosen]).sort().values
-            locals_.append(keep)
-        local = torch.stack(locals_)
-        index = local if not ep.index else ep.index[-1].gather(1, local)
-        ep.local.append(local)
-        ep.index.append(index)
-        ep.groups = groups.gather(1, local)
-        self.kept += (index[ep.groups == IMG].view(len(locals_), stage.keep),)
+        seq, lay = ep.seqs[-1], ep.layout
+        width, has = seq.width, [b for b, n in enumerate(lay.n_img) if n]
+        if stage.query == "text":
+            lo, hi = width - max(lay.tail), width
+            return lo, hi, seq.codes[:, lo:hi] == TXT
+        if stage.query == "image":
+            lo = min(seq.fillers[b] + lay.first_img[b] for b in has)
+            hi = width - min(lay.tail[b] for b in has)
+            return lo, hi, seq.codes[:, lo:hi] == IMG
+        lo, hi = width - max(lay.from_end), width - min(lay.from_end) + 1        # "last": the last real token
+        last = width - torch.tensor(lay.from_end, device=seq.codes.device)
+        return lo, hi, torch.arange(lo, hi, device=last.device) == last[:, None]
+
+    def resolve(self, stage: Stage, votes: torch.Tensor | None) -> None:
+        """Fix the next sequence: ``votes`` (B, M) scores the slots of the current one (only visual slots count);
+        None draws the kept tokens at random (seeded, per sample)."""
+        ep = self._episode
+        prev, lay = ep.seqs[-1], ep.layout
+        device = prev.codes.device
+        is_img = prev.codes == IMG
+        counts = [0 if n == 0 else stage.count(n) for n in lay.n_img]
+        if votes is None:
+            votes = _random_votes(is_img, prev.counts, counts, stage.seed)
+        scores = votes.float().masked_fill(~is_img, float("-inf"))
+        order = scores.argsort(dim=1, descending=True, stable=True)
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(prev.width, device=device).expand_as(order))
+        keep = ~is_img | (ranks < torch.tensor(counts, device=device)[:, None])
+        if prev.valid is not None:
+            keep &= prev.valid
+        sizes = [prev.width - f - c + k for f, c, k in zip(prev.fillers, prev.counts, counts)]
+        width = max(sizes)
+        local = keep.to(torch.uint8).sort(dim=1, stable=True).indices[:, prev.width - width:]   # (B, M)
+        valid = None if min(sizes) == width else keep.gather(1, local)
+        codes = prev.codes.gather(1, local)
+        if valid is not None:
+            codes = codes.masked_fill(~valid, PAD)
+        ep.seqs.append(_Seq(prev.index.gather(1, local), local, codes, valid, counts,
+                            [width - s for s in sizes]))
 
     # -- 3. running the pruned layers ------------------------------------------------------------------------
     def _layer_hook(self, layer_idx: int):
+        s = self._stage_of[layer_idx]
+        stage = self.stages[s]
+
         def hook(module, args, kwargs):
             ep = self._episode
             if ep is None:
                 return None
-            s = max(i for i, st in enumerate(self.stages) if st.layer <= layer_idx)
-            if ep.prefill and layer_idx == self.stages[s].layer:
-                if len(ep.index) == s and self.stages[s].query == "random":
-                    self.resolve(self.stages[s], None)
-                args = self._gather_hidden(ep.local[s], args, kwargs)
-            kwargs.update(self._restricted(ep, s, kwargs))
+            ep.current = s + 1
+            if ep.prefill and layer_idx == stage.layer:
+                if len(ep.seqs) == s + 1 and stage.query == "random":
+                    with record_function("himap.score"):
+                        self.resolve(stage, None)
+                args = self._gather_hidden(ep.seqs[s + 1].local, args, kwargs)
+            kwargs.update(self._restricted(ep, s + 1, layer_idx, args, kwargs))
             return args, kwargs
         return hook
 
     @staticmethod
     def _gather_hidden(local: torch.Tensor, args: tuple, kwargs: dict) -> tuple:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        idx = local.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1])
-        return (hidden.gather(1, idx), *args[1:])
+        with record_function("himap.gather"):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            idx = local.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1])
+            return (hidden.gather(1, idx), *args[1:])
 
-    def _restricted(self, ep: _Episode, s: int, kwargs: dict) -> dict:
-        """The stock per-forward tensors restricted to stage ``s``'s kept positions (computed once per forward)."""
-        out = {}
-        for name in ("attention_mask", "position_embeddings", "position_ids"):
-            stock = kwargs.get(name)
-            if stock is None or (name != "attention_mask" and not ep.prefill):
-                continue
-            cached = ep.gathered.get((s, name))
-            if cached is None or cached[0] is not stock:
-                cached = (stock, _restrict(name, stock, ep.index[s], ep.length, ep.prefill))
-                ep.gathered[(s, name)] = cached
-            out[name] = cached[1]
-        return out
+    def _restricted(self, ep: _Episode, s: int, layer_idx: int, args: tuple, kwargs: dict) -> dict:
+        """The layer's mask / RoPE tables / position ids for sequence ``s`` (each computed once per forward)."""
+        with record_function("himap.gather"):
+            seq = ep.seqs[s]
+            if not ep.prefill:
+                return {"attention_mask": _decode_mask(ep, seq, s, layer_idx, args[0], kwargs)}
+            out = {}
+            for name in ("attention_mask", "position_embeddings", "position_ids"):
+                stock = kwargs.get(name)
+                if stock is None and (name != "attention_mask" or seq.valid is None):
+                    continue
+                cached = seq.memo.get((name, id(stock)))
+                if cached is None or cached[0] is not stock:
+                    cached = (stock, _restrict(name, stock, seq, ep.sdpa, args[0]))
+                    seq.memo[(name, id(stock))] = cached
+                out[name] = cached[1]
+            return out
 
 
-def _take(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    """``t`` gathered along ``dim`` at per-sample ``index`` (B, n), broadcasting t's batch of 1 if needed."""
+def _kept_positions(seq: _Seq):
+    """(B, r) original positions of the visual slots, or a list of (r_b,) when the counts differ."""
+    is_img = seq.codes == IMG
+    if len(set(seq.counts)) == 1:
+        return seq.index[is_img].view(len(seq.counts), seq.counts[0])
+    return [seq.index[b][is_img[b]] for b in range(len(seq.counts))]
+
+
+def _random_votes(is_img: torch.Tensor, present: list[int], counts: list[int], seed: int) -> torch.Tensor:
+    """(B, M) votes that rank each sample's seeded random draw of ``counts[b]`` of its ``present[b]`` visual
+    tokens first (the draw a sample gets alone)."""
+    table = torch.zeros(len(present), max(present) + 1)
+    for b, (n, k) in enumerate(zip(present, counts)):
+        if n:
+            table[b, random_kept(n, k, seed)] = 1.0
+    ordinal = (is_img.long().cumsum(1) - 1).clamp(min=0)                     # which visual token a slot is
+    return table.to(is_img.device).gather(1, ordinal)
+
+
+def _take(t: torch.Tensor, dim: int, index: torch.Tensor, bdim: int | None = None) -> torch.Tensor:
+    """``t`` gathered along ``dim`` at per-sample ``index`` (B, M); t's batch dim is ``bdim`` (default: the dim
+    before ``dim``), a batch of 1 is broadcast."""
     index = index.to(t.device)
-    t = t.expand(index.shape[0], *t.shape[1:])
+    bdim = dim - 1 if bdim is None else bdim
+    t = t.expand(*t.shape[:bdim], index.shape[0], *t.shape[bdim + 1:])
     shape = [1] * t.dim()
-    shape[0], shape[dim] = index.shape
+    shape[bdim], shape[dim] = index.shape
     index = index.view(shape).expand(*t.shape[:dim], index.shape[1], *t.shape[dim + 1:])
     return t.gather(dim, index)
 
 
-def _restrict(name: str, stock, index: torch.Tensor, length: int, prefill: bool):
-    if name == "position_embeddings":
-        return tuple(_take(t, 1, index) for t in stock)
-    if name == "position_ids":
-        return _take(stock, 1, index)
-    if not isinstance(stock, torch.Tensor):
-        raise ValueError(f"himap cannot prune with a {type(stock).__name__} attention mask; use sdpa or eager")
-    # Columns: the kept prefill positions, then every token decoded after the prefill.
-    tail = torch.arange(length, stock.shape[-1], device=index.device).expand(index.shape[0], -1)
-    mask = _take(stock, stock.dim() - 1, torch.cat([index, tail], dim=1))
-    return _take(mask, 2, index) if prefill and stock.dim() == 4 else mask
+def _restrict(name: str, stock, seq: _Seq, sdpa: bool, hidden: torch.Tensor):
+    if name == "position_embeddings":       # (cos, sin): sequence on dim -2 (1-D, or recomposed M-RoPE)
+        return tuple(_take(t, t.dim() - 2, seq.index) for t in stock)
+    if name == "position_ids":              # (B|1, N), or (3|4, B|1, N) M-RoPE ids
+        return _take(stock, stock.dim() - 1, seq.index)
+    if stock is not None and not isinstance(stock, torch.Tensor):
+        raise UserError(f"himap cannot prune with a {type(stock).__name__} attention mask; use sdpa or eager")
+    eye = torch.eye(seq.width, dtype=torch.bool, device=seq.index.device)
+    if stock is None:                       # no mask needed before pruning: causal over the original positions
+        allowed = seq.index[:, None, :] <= seq.index[:, :, None]
+        return _as_mask(allowed[:, None] & seq.valid[:, None, None, :] | eye, sdpa, hidden)
+    mask = _take(_take(stock, 3, seq.index, 0), 2, seq.index, 0)             # (B, 1, M, M)
+    if seq.valid is None:
+        return mask
+    cut = ~seq.valid[:, None, None, :] & ~eye                               # fillers are no key to anyone else
+    own = eye & ~seq.valid[:, None, :, None]                                 # a filler sees itself only
+    if mask.dtype == torch.bool:
+        return mask & ~cut | own
+    return mask.masked_fill(cut, torch.finfo(mask.dtype).min).masked_fill(own, 0.0)
+
+
+def _as_mask(allowed: torch.Tensor, sdpa: bool, hidden: torch.Tensor) -> torch.Tensor:
+    """A (B, 1, Q, K) bool ``allowed`` in the form the layer's attention takes (bool for sdpa, additive else)."""
+    return allowed if sdpa else hooks.additive_mask(allowed, 0, 0, hidden.dtype, hidden.device)
+
+
+def _decode_mask(ep: _Episode, seq: _Seq, s: int, layer_idx: int, hidden: torch.Tensor, kwargs: dict):
+    """The mask of a KV-cached step in a pruned layer, from the original positions of the cached keys: they are
+    the kept prompt slots then the decoded tokens, of which a sliding-window cache holds the last ones."""
+    layer = kwargs.get("cache", kwargs.get("past_key_values")).layers[layer_idx]
+    if not isinstance(layer, DynamicLayer):
+        raise UserError(f"himap prunes with a dynamic KV cache; got a {type(layer).__name__}")
+    window = layer.sliding_window if getattr(layer, "is_sliding", False) else None
+    q_len, past = hidden.shape[1], layer.keys.shape[-2]                       # past: before this step's keys
+    key = (s, window, past)
+    if key not in ep.step_memo:
+        simple = (seq.valid is None and not ep.layout.padded and q_len == 1
+                  and (window is None or ep.total <= window))
+        ep.step_memo[key] = None if simple else _as_mask(_decode_allowed(ep, seq, past + q_len, q_len, window),
+                                                         ep.sdpa, hidden)
+    return ep.step_memo[key]
+
+
+def _decode_allowed(ep: _Episode, seq: _Seq, n_keys: int, q_len: int, window: int | None) -> torch.Tensor:
+    """(B, 1, Q, K) bool: which of the last ``n_keys`` cached keys each of the ``q_len`` new tokens may read."""
+    n, device = ep.layout.length, seq.index.device
+    decoded = torch.arange(n, ep.total, device=device).expand(seq.index.shape[0], -1)
+    kpos = torch.cat([seq.index, decoded], 1)[:, -n_keys:]                    # (B, K) original positions
+    ok = torch.ones_like(kpos, dtype=torch.bool)
+    if seq.valid is not None:
+        ok = torch.cat([seq.valid, torch.ones_like(decoded, dtype=torch.bool)], 1)[:, -n_keys:]
+    if ep.attention_mask is not None:
+        ok = ok & ep.attention_mask.bool().to(device).gather(1, kpos)
+    qpos = torch.arange(ep.total - q_len, ep.total, device=device)[None, :, None]
+    allowed = ok[:, None, :] & (kpos[:, None, :] <= qpos)                   # (B, Q, K)
+    if window is not None:
+        allowed &= qpos - kpos[:, None, :] < window
+    return allowed[:, None]
 
 
 class _Scorer(hooks.AttentionHook):
@@ -184,38 +352,68 @@ class _Scorer(hooks.AttentionHook):
 
     def qk(self, module, query, key, mask):
         ep = self.pruner._episode
-        if ep is None or not ep.prefill or len(ep.index) != self.stage_idx:
+        if ep is None or not ep.prefill or len(ep.seqs) != self.stage_idx + 1:
             return
-        stage = self.pruner.stages[self.stage_idx]
-        votes = []
-        for b in range(query.shape[0]):
-            groups = ep.groups[b].to(query.device)
-            img = (groups == IMG).nonzero().squeeze(1)
-            if stage.query == "text":
-                rows = (groups == TXT).nonzero().squeeze(1)
-            elif stage.query == "image":
-                rows = img
-            else:  # "last": the last token that is not padding
-                rows = (groups != PAD).nonzero()[-1]
-            mask_b = None if mask is None else mask[b:b + 1] if mask.shape[0] > 1 else mask
-            probs = hooks.attention_probs(module, query[b:b + 1], key[b:b + 1], mask_b, rows)  # (1, H, R, K)
-            votes.append(probs[0].mean(0)[:, img].sum(0))                                      # (n_img,)
-        self.pruner.resolve(stage, votes)
+        with record_function("himap.score"):
+            stage = self.pruner.stages[self.stage_idx]
+            lo, hi, weight = self.pruner.rows(stage)
+            probs = hooks.attention_probs(module, query, key, mask, slice(lo, hi))   # (B, H, R, K)
+            votes = torch.bmm(weight.to(probs.dtype)[:, None, :], probs.mean(1))       # (B, 1, K)
+            self.pruner.resolve(stage, votes[:, 0])
+
+
+class _DeepstackPatch:
+    """Qwen3-VL adds visual features into the hidden states of its first layers at the visual positions
+    (``_deepstack_process``, after each of those layers). Once a stage has pruned, those positions and features
+    must follow the kept slots: this wraps the method on the decoder instance until removed."""
+
+    def __init__(self, lm: nn.Module, pruner: Pruner):
+        self.lm, self.pruner, self.stock = lm, pruner, lm._deepstack_process
+        lm._deepstack_process = self
+
+    def __call__(self, hidden: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor):
+        ep = self.pruner._episode
+        if ep is not None and ep.prefill and ep.current:     # the layer that just ran worked on pruned slots
+            seq = ep.seqs[ep.current]
+            with record_function("himap.gather"):
+                masks = visual_pos_masks.to(seq.index.device)                     # (B, N) bool
+                rank = (masks.flatten().long().cumsum(0) - 1).view_as(masks)      # row of each in visual_embeds
+                kept = masks.gather(1, seq.index)
+                if seq.valid is not None:
+                    kept &= seq.valid
+                visual_embeds = visual_embeds[rank.gather(1, seq.index)[kept].to(visual_embeds.device)]
+                visual_pos_masks = kept
+        return self.stock(hidden, visual_pos_masks, visual_embeds)
+
+    def remove(self) -> None:
+        if self.lm.__dict__.get("_deepstack_process") is self:
+            del self.lm._deepstack_process
 
 
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Pruner]" = weakref.WeakKeyDictionary()
 
 
-def apply(model: nn.Module, policy: Policy) -> Pruner:
-    """Prune ``model``'s image tokens with ``policy`` until the returned handle is removed (or its ``with`` ends).
+def active(model: nn.Module) -> Pruner | None:
+    """The pruner applied to ``model``, or None."""
+    return _ACTIVE.get(model)
 
-    >>> with himap.apply(model, himap.HiMAP(k1=2, r1=288, k2=8, r2=72)):
+
+def is_pruned(model: nn.Module) -> bool:
+    """Whether ``himap.apply`` is active on ``model`` (analysis tools refuse to run on a pruned model)."""
+    return model in _ACTIVE
+
+
+def apply(model: nn.Module, policy: Policy) -> Pruner:
+    """Prune ``model``'s visual tokens with ``policy`` until the returned handle is removed (or its ``with``
+    ends). Attention must be ``sdpa`` or ``eager``.
+
+    >>> with himap.apply(model, himap.HiMAP(k1=2, r1=0.5, k2=8, r2=0.125)):
     ...     out = model.generate(**inputs, max_new_tokens=16)
     """
     if not hasattr(policy, "stages"):
-        raise ValueError(f"policy must be HiMAP, FastV or RandomPrune, got {type(policy).__name__}")
+        raise UserError(f"policy must be HiMAP, FastV or RandomPrune, got {type(policy).__name__}")
     if model in _ACTIVE:
-        raise ValueError("himap is already applied to this model; call remove() on the existing handle first")
+        raise UserError("himap is already applied to this model; call remove() on the existing handle first")
     pruner = Pruner(model, policy)
     _ACTIVE[model] = pruner
     return pruner

@@ -24,7 +24,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .errors import UserError
+
 PREFIX = "himap_"
+SUPPORTED = ("sdpa", "eager")
 
 
 class AttentionHook:
@@ -45,8 +48,13 @@ class AttentionHook:
 _HOOKS: "weakref.WeakKeyDictionary[nn.Module, list[AttentionHook]]" = weakref.WeakKeyDictionary()
 
 
+def inner_implementation(config) -> str:
+    """The attention implementation the decoder runs (``sdpa`` or ``eager``), hooked or not."""
+    return (config._attn_implementation or "eager").removeprefix(PREFIX)
+
+
 def _inner_name(module: nn.Module) -> str:
-    return module.config._attn_implementation.removeprefix(PREFIX)
+    return inner_implementation(module.config)
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -54,26 +62,33 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+def _causal(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, Q, K) bool causal mask, queries being the last Q of the K positions."""
+    rows = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    return (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
+
+
 def additive_mask(mask: torch.Tensor | None, q_len: int, k_len: int, dtype: torch.dtype,
                   device: torch.device) -> torch.Tensor:
     """The mask as an additive float (B|1, 1, Q, K) tensor; ``None`` means causal, queries being the last Q."""
     if mask is None:
-        rows = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
-        mask = (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
+        mask = _causal(q_len, k_len, device)
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
     return mask.to(dtype)
 
 
 def attention_probs(module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-                    rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax attention (B, H, R, K) of ``rows`` of the queries (all rows if None), as eager attention computes
-    it: fp32 softmax, cast back to the query dtype."""
+                    rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+    """Softmax attention (B, H, R, K) of ``rows`` of the queries (an index or a slice; all rows if None), as
+    eager attention computes it: fp32 softmax, cast back to the query dtype."""
     q_len, k_len = query.shape[2], key.shape[2]
-    mask = additive_mask(mask, q_len, k_len, query.dtype, query.device)
-    if rows is not None:
+    if mask is None:
+        mask = _causal(q_len, k_len, query.device)
+    if rows is not None:         # cut the rows before converting: the mask may be (B, 1, T, T)
         query = query[:, :, rows]
         mask = mask[:, :, rows] if mask.shape[2] > 1 else mask
+    mask = additive_mask(mask, 0, 0, query.dtype, query.device)
     key = repeat_kv(key, getattr(module, "num_key_value_groups", 1))
     scores = torch.matmul(query, key.transpose(2, 3)) * module.scaling + mask
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -82,7 +97,7 @@ def attention_probs(module: nn.Module, query: torch.Tensor, key: torch.Tensor, m
 def _cut(mask: torch.Tensor | None, block: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
          inner: str) -> torch.Tensor:
     if inner not in ("sdpa", "eager"):
-        raise ValueError(f"blocking attention edges needs sdpa or eager attention, not {inner!r}")
+        raise UserError(f"blocking attention edges needs sdpa or eager attention, not {inner!r}")
     if mask is None:
         mask = additive_mask(None, query.shape[2], key.shape[2], query.dtype, query.device)
         if inner == "sdpa":
@@ -124,9 +139,11 @@ def hooked_attention(module, query, key, value, attention_mask, **kwargs):
 
 def _register(inner: str) -> str:
     name = PREFIX + inner
+    if inner not in SUPPORTED:
+        # flash_attention_2 takes no mask tensor to restrict or cut, and cannot be tested on a CPU: refused.
+        raise UserError(f"himap cannot hook attention implementation {inner!r}; load the model with "
+                        f"attn_implementation='sdpa' or 'eager'")
     if name not in ALL_ATTENTION_FUNCTIONS:
-        if inner not in ALL_MASK_ATTENTION_FUNCTIONS:
-            raise ValueError(f"himap cannot hook attention implementation {inner!r}; use 'sdpa' or 'eager'")
         AttentionInterface.register(name, hooked_attention)
         # Without a mask function of the same name no causal mask is built and attention runs non-causal.
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])

@@ -1,24 +1,27 @@
-"""Token groups (system / image / text) derived per sample from the input ids.
+"""Token groups (system / image / text) derived per sample from the input ids, for every supported family.
 
-Nothing is assumed about the layout: the image span is wherever ``image_token_id`` occurs, the system group is
-every real (non-padding) token before it and the text group every real token after it. Several images in one
-prompt are pooled: "image" is every placeholder, "system" precedes the first, "text" follows the last, and
-text between two images belongs to no group (pruning keeps it; it does not vote).
+Nothing is assumed about the layout. The visual tokens are every placeholder whose id is one of the family's
+visual ids (image and video, :func:`himap.models.visual_token_ids`), wherever they occur; all of a sample's
+visual tokens are pooled into the one ``img`` group. ``sys`` is every real (non-padding) token before the first
+visual token, ``txt`` every real token after the last one. Text between two visual tokens (a second image's
+prompt, tile separators, vision end/start pairs, video timestamps) belongs to no group: pruning keeps it, it does
+not vote, saliency and knockout leave it out of every group. Padding belongs to no group either.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .models import multimodal_model
+from .errors import UserError
+from .models import inputs_module
 
 GROUPS = ("sys", "img", "txt")
 SYS, IMG, TXT = range(len(GROUPS))
-PAD = -1  # padding, and text between two images: no group
+PAD = -1  # padding, and text between two visual tokens: no group
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class Spans:
 
     def group(self, name: str) -> torch.Tensor:
         if name not in GROUPS:
-            raise ValueError(f"unknown token group {name!r}; choose one of {', '.join(GROUPS)}")
+            raise UserError(f"unknown token group {name!r}; choose one of {', '.join(GROUPS)}")
         return getattr(self, name)
 
     def is_image(self) -> torch.Tensor:
@@ -46,50 +49,48 @@ class Spans:
         return mask
 
 
-def find_spans(input_ids: torch.Tensor, image_token_id: int,
-               attention_mask: torch.Tensor | None = None) -> list[Spans]:
-    """Split each row of ``input_ids`` (B, T) into system / image / text positions.
-
-    Padding (``attention_mask == 0``) belongs to no group. A row without image tokens gets an empty image group,
-    everything real in ``sys`` and an empty ``txt``.
-    """
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-    spans = []
-    for ids, ok in zip(input_ids, real):
-        is_img = ids == image_token_id
-        img = pos[is_img]
-        if img.numel() == 0:
-            spans.append(Spans(len(ids), pos[ok], img, img))
-            continue
-        before, after = pos < img[0], pos > img[-1]
-        spans.append(Spans(len(ids), pos[ok & before], img, pos[ok & after & ~is_img]))
-    return spans
+def _visual(input_ids: torch.Tensor, visual_ids: int | Sequence[int]) -> torch.Tensor:
+    ids = [visual_ids] if isinstance(visual_ids, int) else list(visual_ids)
+    return torch.isin(input_ids, torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device))
 
 
-def group_codes(input_ids: torch.Tensor, image_token_id: int,
+def group_codes(input_ids: torch.Tensor, visual_ids: int | Sequence[int],
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T) long: the group of every position (``SYS``/``IMG``/``TXT``), ``PAD`` for padding."""
-    codes = torch.full(input_ids.shape, PAD, dtype=torch.long, device=input_ids.device)
-    for b, span in enumerate(find_spans(input_ids, image_token_id, attention_mask)):
-        for code, name in enumerate(GROUPS):
-            codes[b, span.group(name)] = code
+    """(B, T) long: the group of every position (``SYS``/``IMG``/``TXT``), ``PAD`` for padding and for text
+    between visual tokens. A row without visual tokens is all ``SYS`` (its real tokens). No host sync."""
+    if input_ids.dim() != 2:
+        raise UserError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    is_img = _visual(input_ids, visual_ids)                                   # (B, T)
+    seen = is_img.long().cumsum(1)                                            # visual tokens at or before t
+    before = seen == 0
+    after = seen == seen[:, -1:]                                              # no visual token after t
+    codes = torch.full_like(input_ids, PAD, dtype=torch.long)
+    codes[before] = SYS
+    codes[after & ~before & ~is_img] = TXT
+    codes[is_img] = IMG
+    if attention_mask is not None:
+        codes[~attention_mask.bool()] = PAD
     return codes
 
 
+def find_spans(input_ids: torch.Tensor, visual_ids: int | Sequence[int],
+               attention_mask: torch.Tensor | None = None) -> list[Spans]:
+    """Split each row of ``input_ids`` (B, T) into system / image / text positions (see :func:`group_codes`)."""
+    codes = group_codes(input_ids, visual_ids, attention_mask)
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return [Spans(len(row), pos[row == SYS], pos[row == IMG], pos[row == TXT]) for row in codes]
+
+
 def on_model_inputs(model: nn.Module, callback: Callable[[torch.Tensor, torch.Tensor | None, bool], None]):
-    """Call ``callback(input_ids, attention_mask, prefill)`` before every forward of the multimodal model (the
-    decoder only sees embeddings, so the ids are captured one level up); ``prefill`` is False for KV-cached decode
-    steps. Returns the removable hook handle."""
+    """Call ``callback(input_ids, attention_mask, prefill)`` before every forward of the module that sees the ids
+    (the decoder only sees embeddings); ``prefill`` is False for KV-cached steps. Returns the removable handle."""
 
     def hook(module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         prefill = cache is None or cache.get_seq_length() == 0
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None and prefill:
-            raise ValueError("himap needs input_ids to find the image tokens; inputs_embeds alone is not supported")
+            raise UserError("himap needs input_ids to find the visual tokens; inputs_embeds alone is not supported")
         callback(input_ids, kwargs.get("attention_mask"), prefill)
 
-    return multimodal_model(model).register_forward_pre_hook(hook, with_kwargs=True)
+    return inputs_module(model).register_forward_pre_hook(hook, with_kwargs=True)

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .. import hooks
-from ..engine import _ACTIVE
-from ..models import decoder_layers
+from ..engine import is_pruned
+from ..models import decoder_layers, visual_token_ids
 from ..spans import GROUPS, PAD, SYS, group_codes, on_model_inputs
 from .groups import require_images
 
@@ -58,7 +58,7 @@ class Knockout(hooks.AttentionHook):
     the blocked query positions."""
 
     def __init__(self, model: nn.Module, flow: str, layers, seed: int = 0):
-        if model in _ACTIVE:   # pruning shortens the sequence; the groups here are the full prompt's
+        if is_pruned(model):   # pruning shortens the sequence; the groups here are the full prompt's
             raise ValueError("knockout cannot be combined with himap.apply pruning on the same model")
         all_layers = decoder_layers(model)
         n = len(all_layers)
@@ -68,7 +68,7 @@ class Knockout(hooks.AttentionHook):
             raise ValueError(f"layers {bad} out of range: the model has {n} decoder layers (0..{n - 1})")
         self.flow, self.seed = flow, seed
         self.src, self.dst = parse_flow(flow)
-        self.image_token_id = model.config.image_token_id
+        self.visual_ids = visual_token_ids(model)
         self.rows: list[torch.Tensor] = []
         self._src_cols = self._dst_rows = None     # (B, T) bool over the prompt positions
         self._memo: dict[tuple[int, int], torch.Tensor] = {}
@@ -90,7 +90,7 @@ class Knockout(hooks.AttentionHook):
                    prefill: bool) -> None:
         if not prefill:
             return
-        codes = group_codes(input_ids, self.image_token_id, attention_mask)
+        codes = group_codes(input_ids, self.visual_ids, attention_mask)
         require_images(codes)
         src = codes == GROUPS.index(self.src)
         if self.dst == "rnd":

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import hooks
-from ..engine import _ACTIVE
-from ..models import decoder_layers
+from ..engine import is_pruned
+from ..models import decoder_layers, visual_token_ids
 from ..spans import IMG, TXT, group_codes
 from .groups import group_onehot, require_images
 
@@ -108,7 +108,7 @@ def saliency(model: nn.Module, inputs: dict, label_ids, form: str = "attn_grad")
     """
     if form not in FORMS:
         raise ValueError(f"unknown saliency form {form!r}; choose one of {', '.join(FORMS)}")
-    if model in _ACTIVE:     # pruning shortens the sequence the group matrices are built for
+    if is_pruned(model):     # pruning shortens the sequence the group matrices are built for
         raise ValueError("saliency cannot run on a model pruned with himap.apply; remove the pruner first")
     layers = decoder_layers(model)
     input_ids = inputs.get("input_ids")
@@ -118,7 +118,7 @@ def saliency(model: nn.Module, inputs: dict, label_ids, form: str = "attn_grad")
     labels = torch.as_tensor(label_ids, dtype=torch.long).reshape(-1)
     if labels.numel() != batch:
         raise ValueError(f"label_ids holds {labels.numel()} labels for a batch of {batch}")
-    codes = group_codes(input_ids, model.config.image_token_id, inputs.get("attention_mask"))
+    codes = group_codes(input_ids, visual_token_ids(model), inputs.get("attention_mask"))
     require_images(codes)
     hook = _GroupSaliency(form, group_onehot(codes.to(input_ids.device)))
     loss = _backward(model, layers, hook, inputs, labels)
