@@ -11,9 +11,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import himap
 from conftest import make_inputs
 from himap.cli import main
-from himap.configs import preset_config, random_llava, tiny_config
-from himap.costs import (image_tokens_per_layer, layer_flops, layer_matmul_flops, prefill_flops,
-                         prefill_flops_for, prefill_matmul_flops_for, read_model_config)
+from himap.configs import PRESETS, preset_config, random_llava, read_model_config, tiny_config
+from himap.flops import (image_tokens_per_layer, layer_flops, layer_matmul_flops, prefill_flops, prefill_flops_for,
+                         prefill_matmul_flops_for)
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 SHIPPED = himap.HiMAP(k1=2, r1=288, k2=8, r2=72)
@@ -42,7 +42,8 @@ def test_image_tokens_per_layer_and_the_readme_ratio():
 
 
 def test_whole_sequence_ratio_matches_the_abstract():
-    """LLaVA-1.5-7B, 35 system tokens + 30..100 text tokens: 32-38% of the FLOPs kept (NOTES §1)."""
+    """LLaVA-1.5-7B, 35 system tokens + 30..100 text tokens: 32-38% of the FLOPs kept, the abstract's "~65% fewer
+    FLOPs" (the README's 24%/23% is the image-token x layer share instead)."""
     text = preset_config("llava-1.5-7b").text_config
     kept = [prefill_flops_for(text, n_img=576, n_text=35 + t, policy=SHIPPED).flops_kept for t in (30, 65, 100)]
     assert kept == sorted(kept) and 0.315 < kept[0] < 0.325 and 0.38 < kept[-1] < 0.39
@@ -83,22 +84,48 @@ def test_exact_count_matches_flop_counter(kv_heads):
         assert pruned / vanilla < 0.6        # the pruning really happened
 
 
+def test_fraction_budgets_equal_their_counts():
+    """Both stages' fractions are of the ORIGINAL count: HiMAP(2, 0.5, 8, 0.125) is the paper's 288 / 72 of 576."""
+    text = preset_config("llava-1.5-7b").text_config
+    fractions = himap.HiMAP(k1=2, r1=0.5, k2=8, r2=0.125)
+    assert image_tokens_per_layer(576, 32, fractions) == image_tokens_per_layer(576, 32, SHIPPED)
+    assert prefill_flops_for(text, n_img=576, n_text=65, policy=fractions) == prefill_flops_for(
+        text, n_img=576, n_text=65, policy=SHIPPED)
+    assert image_tokens_per_layer(2928, 32, fractions) == [2928] * 2 + [1464] * 6 + [366] * 24
+
+
 def test_read_model_config_shapes(tmp_path):
-    text, n_img = read_model_config("llava-1.5-7b")
-    assert (text.hidden_size, text.num_hidden_layers, n_img) == (4096, 32, 576)
+    shape = read_model_config("llava-1.5-7b")
+    assert (shape.text_config.hidden_size, shape.text_config.num_hidden_layers, shape.image_tokens) == (4096, 32, 576)
     config = tiny_config(layers=3, image_size=84)
     config.save_pretrained(tmp_path / "hf")
-    text, n_img = read_model_config(tmp_path / "hf")
-    assert (text.num_hidden_layers, n_img) == (3, 36)
+    shape = read_model_config(tmp_path / "hf")
+    assert (shape.text_config.num_hidden_layers, shape.image_tokens) == (3, 36)
     original = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "hidden_size": 4096,
                 "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
                 "mm_hidden_size": 1024, "mm_vision_tower": "openai/clip-vit-large-patch14-336"}
     (tmp_path / "orig.json").write_text(json.dumps(original))
-    text, n_img = read_model_config(tmp_path / "orig.json")
-    assert (text.hidden_size, text.intermediate_size, n_img) == (4096, 11008, 576)
+    shape = read_model_config(tmp_path / "orig.json")
+    assert (shape.text_config.hidden_size, shape.text_config.intermediate_size, shape.image_tokens) == (
+        4096, 11008, 576)
     (tmp_path / "llama.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
                                                      "intermediate_size": 128, "num_hidden_layers": 4}))
-    assert read_model_config(tmp_path / "llama.json")[1] is None
+    assert read_model_config(tmp_path / "llama.json").image_tokens is None
+    # a family config written by transformers reads back with its decoder shape; its image count varies
+    preset_config("qwen2.5-vl-7b", layers=5).save_pretrained(tmp_path / "qwen")
+    shape = read_model_config(tmp_path / "qwen")
+    assert (shape.text_config.hidden_size, shape.text_config.num_hidden_layers, shape.image_tokens) == (3584, 5, None)
+
+
+def test_every_preset_is_its_familys_config_with_the_published_decoder():
+    for name, p in PRESETS.items():
+        config = preset_config(name)
+        text = config.text_config
+        assert config.model_type == p.model_type and text.model_type == p.text["model_type"]
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "vocab_size"):
+            assert getattr(text, key) == p.text[key], (name, key)
+        assert preset_config(name, layers=3).text_config.num_hidden_layers == 3
 
 
 def test_cli_table_and_json(tmp_path, capsys):
@@ -106,8 +133,11 @@ def test_cli_table_and_json(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     text = preset_config("llava-1.5-7b").text_config
     for row, t in zip(out["rows"], (30, 100)):
+        # the default is the paper's setting as fractions: the same FLOPs as the shipped counts
         assert row["flops_kept"] == prefill_flops_for(text, n_img=576, n_text=35 + t, policy=SHIPPED).flops_kept
     assert out["image_tokens_per_layer"] == image_tokens_per_layer(576, 32, SHIPPED)
+    assert out["decoder"] == {"layers": 32, "hidden": 4096, "ffn": 11008, "heads": 32, "kv_heads": 32,
+                              "model_type": "llama"}
 
     assert main(["flops", "--model", "llava-1.5-7b", "--text-tokens", "30"]) == 0
     table = capsys.readouterr().out
@@ -118,15 +148,35 @@ def test_cli_table_and_json(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["policy"] == "FastV(k=3, r=144)"
 
 
+def test_cli_family_presets_report_their_shape_and_image_tokens(capsys):
+    for name, p in PRESETS.items():
+        assert main(["flops", "--model", name, "--text-tokens", "60", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["image_tokens"] == p.image_tokens and out["decoder"]["layers"] == p.text["num_hidden_layers"]
+        text = preset_config(name).text_config
+        policy = himap.policies.from_params("himap", n_layers=text.num_hidden_layers)
+        assert out["rows"][0]["flops_kept"] == prefill_flops_for(
+            text, n_img=p.image_tokens, n_text=35 + 60, policy=policy).flops_kept
+    # --image-tokens sets a variable count
+    assert main(["flops", "--model", "llava-next-7b", "--image-tokens", "1000", "--r1", "500", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["image_tokens_per_layer"][2] == 500
+
+
 def test_cli_errors(tmp_path, capsys):
     (tmp_path / "llama.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
                                                      "intermediate_size": 128, "num_hidden_layers": 4}))
+    preset_config("qwen2.5-vl-7b").save_pretrained(tmp_path / "qwen")
     cases = [(["--model", "nope"], "no such preset or config"),
              (["--model", str(tmp_path / "llama.json")], "pass --image-tokens"),
+             (["--model", str(tmp_path / "qwen")], "varies per image"),
              (["--model", str(tmp_path / "llama.json"), "--image-tokens", "16", "--k2", "9"], "k2=9 must be <"),
-             (["--model", "llava-1.5-7b", "--k1", "3", "--k2", "2"], "k2 must be > k1")]
+             (["--model", "llava-1.5-7b", "--k1", "3", "--k2", "2"], "k2 must be > k1"),
+             (["--model", "llava-1.5-7b", "--r1", "1000"], "r1=1000 exceeds the 576 image tokens"),
+             (["--model", "llava-1.5-7b", "--r1", "1.5"], "r1 as a fraction must be in (0, 1]"),
+             (["--model", "llava-1.5-7b", "--r1", "100", "--r2", "200"], "r2 must be <= r1"),
+             (["--model", "llava-1.5-7b", "--k", "3"], "--policy himap takes --k1, --r1, --k2, --r2; got --k")]
     for argv, message in cases:
         assert main(["flops", *argv]) == 2
         err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1
+        assert message in err and err.count("\n") == 1, (argv, err)
     assert main(["flops", "--model", str(tmp_path / "llama.json"), "--image-tokens", "16", "--k2", "3"]) == 0

@@ -13,12 +13,24 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig, PretrainedConfig
+from typing import TYPE_CHECKING
 
 from .errors import UserError
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:   # torch and transformers load only when a config or model is built: the CLI starts fast
+    import torch
+    from transformers import LlavaConfig, PretrainedConfig
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype called ``name`` (one of ``DTYPE_NAMES``)."""
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, name)
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,8 @@ def preset(name: str) -> Preset:
 def preset_config(name: str, layers: int | None = None, *, tiny_vision: bool = False) -> PretrainedConfig:
     """The full transformers config of a preset; ``layers`` truncates the decoder depth, ``tiny_vision`` shrinks
     the vision tower's width and depth (not its image or patch size)."""
+    from transformers import AutoConfig
+
     p = preset(name)
     text = dict(p.text)
     if layers is not None:
@@ -129,6 +143,8 @@ def tiny_config(*, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: 
 
     The image-token count is ``(image_size / patch_size) ** 2``; ``image_token_id`` defaults to the last id.
     """
+    from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig
+
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=image_size, patch_size=patch_size, projection_dim=32)
     text = AutoConfig.for_model(text_model_type, hidden_size=hidden, intermediate_size=2 * hidden,
@@ -141,18 +157,20 @@ def tiny_config(*, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: 
 
 
 def random_model(config: PretrainedConfig, *, seed: int = 0, qk_scale: float = 1.0,
-                 attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
+                 attn_implementation: str = "sdpa", dtype: torch.dtype | None = None):
     """The family's own ``*ForConditionalGeneration`` with seeded random weights, in eval mode.
 
     ``qk_scale`` multiplies the decoder's query/key projections: at the default init (std 0.02) attention is
     nearly uniform, so top-k rankings are meaningless; a scale of ~8 makes them well separated.
     """
+    import torch
     from transformers import AutoModelForImageTextToText
 
     from .models import decoder_layers
 
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    model = AutoModelForImageTextToText.from_config(config, attn_implementation=attn_implementation,
+                                                    dtype=dtype or torch.float32)
     if qk_scale != 1.0:
         with torch.no_grad():
             for layer in decoder_layers(model):
@@ -232,6 +250,8 @@ def read_model_config(spec: str | Path) -> ModelShape:
         return ModelShape(original_text_config(raw), n_img, "from the vision tower's name")
     if "model_type" not in raw:
         raise UserError(f"{path} is not a model config: it has no model_type")
+    from transformers import AutoConfig
+
     try:
         config = AutoConfig.for_model(**raw)
     except (ValueError, KeyError, TypeError) as err:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .configs import DTYPES, image_tokens_for, is_original_llava, original_text_config
+from .configs import DTYPE_NAMES, image_tokens_for, is_original_llava, original_text_config, torch_dtype
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -240,8 +240,8 @@ def convert(llava_path: str | Path, vision_path: str | Path, out: str | Path, *,
         raise UserError(f"output folder is not empty: {out}")
     if dtype == "auto":
         dtype = original.get("torch_dtype") or original.get("dtype") or "float32"
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    if dtype not in DTYPE_NAMES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPE_NAMES)}")
 
     tokenizer = _tokenizer(llava_path)
     llava = read_state_dict(llava_path)
@@ -258,7 +258,7 @@ def convert(llava_path: str | Path, vision_path: str | Path, out: str | Path, *,
         model = LlavaForConditionalGeneration(config)
     tensors = convert_state_dict(llava, read_state_dict(vision_path), set(model.model.vision_tower.state_dict()))
     _check_keys(model, tensors, llava_path)
-    tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
+    tensors = {k: v.to(torch_dtype(dtype)) for k, v in tensors.items()}
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as err:   # shape mismatches

@@ -12,7 +12,7 @@ from ..errors import UserError
 
 
 def register(subparsers) -> None:
-    from ..configs import PRESETS
+    from ..configs import DTYPE_NAMES, PRESETS
 
     p = subparsers.add_parser("bench", help="time prefill / decode of vanilla vs HiMAP / FastV / random",
                               description=bm.__doc__.split("\n")[0])
@@ -21,7 +21,7 @@ def register(subparsers) -> None:
                      help="random-weight model of this family's shape (default llava-1.5-7b unless --model-path)")
     src.add_argument("--model-path", help="a local checkpoint folder instead of a preset")
     p.add_argument("--layers", type=int, help="truncate the preset's decoder to N layers (the paper's K2=8 needs >= 9)")
-    p.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
     p.add_argument("--repeats", type=int, default=5, help="measured rounds per block (default 5)")
@@ -60,7 +60,7 @@ def _layout(args: argparse.Namespace, tokenizer, n_img: int) -> bm.Layout:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..configs import DTYPES, preset
+    from ..configs import preset, torch_dtype
     from ..loading import resolve_device
 
     logging.basicConfig(level=logging.WARNING)
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         depth = args.layers if args.layers is not None else shape.text["num_hidden_layers"]
         bm.check_policies(bm.bench_policies(shape.text["num_hidden_layers"]), depth, shape.image_tokens)
     model, tokenizer, description, full_depth = bm.build_model(
-        preset=name, layers=args.layers, model_path=args.model_path, dtype=DTYPES[args.dtype],
+        preset=name, layers=args.layers, model_path=args.model_path, dtype=torch_dtype(args.dtype),
         device=resolve_device(args.device), attn_implementation=args.attn)
     layout = _layout(args, tokenizer, bm.typical_image_tokens(model))
     with torch.inference_mode():

@@ -1,31 +1,34 @@
-"""``himap flops``: analytic prefill FLOPs of a LLaVA decoder, vanilla vs a pruning policy (FastV's formula)."""
+"""``himap flops``: analytic prefill FLOPs of a VLM decoder, vanilla vs a pruning policy (FastV's formula)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
-# Tokens before the image in LLaVA-1.5's vicuna_v1 prompt: BOS + the system sentence + "USER: " with the
-# LLaMA tokenizer (NOTES.md §6). A default for the table only: pass --system-tokens for other templates.
+# Tokens before the image in LLaVA-1.5's vicuna_v1 prompt: BOS + the system sentence + "USER: " with the LLaMA
+# tokenizer. A default for the table only: pass --system-tokens for other templates.
 VICUNA_V1_SYSTEM_TOKENS = 35
 
 
 def register(subparsers) -> None:
+    from ..configs import PRESETS
+
     p = subparsers.add_parser("flops", help="prefill FLOPs, vanilla vs a pruning policy",
                               description="Decoder prefill FLOPs with FastV's per-layer count 4nd^2 + 2n^2d + 2ndm, "
                                           "for vanilla and a pruning policy, from a preset or a config.json.")
     p.add_argument("--model", default="llava-1.5-13b",
-                   help="preset (llava-1.5-7b, llava-1.5-13b), a config.json or a checkpoint folder "
-                        "(llava-hf or original LLaVA); default llava-1.5-13b, the HiMAP paper's model")
+                   help=f"preset ({', '.join(PRESETS)}), a config.json or a checkpoint folder; default "
+                        "llava-1.5-13b, the HiMAP paper's model")
     p.add_argument("--policy", default="himap", choices=("himap", "fastv", "random"))
+    what = "a count, or a fraction of the image tokens such as 0.5"
     p.add_argument("--k1", type=int, help="HiMAP K1 (default 2)")
-    p.add_argument("--r1", type=int, help="HiMAP R1 (default half the image tokens: 288 of 576)")
-    p.add_argument("--k2", type=int, help="HiMAP K2 (default 8 for 32+ layers)")
-    p.add_argument("--r2", type=int, help="HiMAP R2 (default an eighth: 72 of 576)")
+    p.add_argument("--r1", type=budget, help=f"HiMAP R1: {what} (default 0.5: 288 of 576)")
+    p.add_argument("--k2", type=int, help="HiMAP K2 (default: a quarter of the layers, within [3, 8])")
+    p.add_argument("--r2", type=budget, help=f"HiMAP R2: {what} (default 0.125: 72 of 576)")
     p.add_argument("--k", type=int, help="FastV / random: prune before this layer (default 2)")
-    p.add_argument("--r", type=int, help="FastV / random: image tokens kept (default half)")
-    p.add_argument("--image-tokens", type=int, help="image tokens (default: what the config implies)")
+    p.add_argument("--r", type=budget, help=f"FastV / random: image tokens kept, {what} (default 0.5)")
+    p.add_argument("--image-tokens", type=int,
+                   help="image tokens per sample (default: the preset's typical count, or what the config fixes)")
     p.add_argument("--system-tokens", type=int, default=VICUNA_V1_SYSTEM_TOKENS,
                    help=f"tokens before the image (default {VICUNA_V1_SYSTEM_TOKENS}, LLaVA-1.5's vicuna_v1 prompt)")
     p.add_argument("--text-tokens", type=int, nargs="+", default=[30, 60, 100],
@@ -34,13 +37,10 @@ def register(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def _policy(args: argparse.Namespace, n_layers: int, n_img: int):
-    """The chosen policy: the paper's setting scaled to the model, overridden by the flags given."""
-    from ..data.demo import default_policies
+def budget(text: str):
+    from ..policies import parse_budget   # imported on use: the CLI starts without torch
 
-    base = default_policies(n_layers, n_img)[args.policy]
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(base) if getattr(args, f.name, None) is not None}
-    return dataclasses.replace(base, **given)
+    return parse_budget(text)
 
 
 def _si(x: float) -> str:
@@ -50,17 +50,35 @@ def _si(x: float) -> str:
     return f"{x:.0f}"
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..costs import image_tokens_per_layer, prefill_flops_for, read_model_config
+def _inputs(args: argparse.Namespace):
+    """(shape, image tokens, the policy): the policy checked as ``himap eval`` checks it."""
+    from ..configs import read_model_config
+    from ..errors import UserError
+    from ..policies import fields, from_params
 
-    text_config, implied = read_model_config(args.model)
-    n_img = args.image_tokens if args.image_tokens is not None else implied
+    shape = read_model_config(args.model)
+    n_img = args.image_tokens if args.image_tokens is not None else shape.image_tokens
     if n_img is None:
-        raise ValueError(f"{args.model} does not say how many image tokens it takes: pass --image-tokens")
+        raise UserError(f"{args.model}: the image-token count varies per image ({shape.image_note}): "
+                        "pass --image-tokens")
     if n_img < 1 or min(args.system_tokens, *args.text_tokens) < 0:
-        raise ValueError("--image-tokens must be >= 1 and --system-tokens / --text-tokens >= 0")
+        raise UserError("--image-tokens must be >= 1 and --system-tokens / --text-tokens >= 0")
+    params = {name: getattr(args, name) for name in fields(args.policy) if hasattr(args, name)}
+    given = {k for k in ("k1", "r1", "k2", "r2", "k", "r") if getattr(args, k) is not None} - set(params)
+    if given:
+        raise UserError(f"--policy {args.policy} takes {', '.join('--' + f for f in params)}; got "
+                        f"{', '.join('--' + g for g in sorted(given))}")
+    policy = from_params(args.policy, params, n_layers=shape.text_config.num_hidden_layers, n_img=n_img)
+    return shape, n_img, policy
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..flops import image_tokens_per_layer, prefill_flops_for
+    from ..policies import to_params
+
+    shape, n_img, policy = _inputs(args)
+    text_config = shape.text_config
     n_layers = text_config.num_hidden_layers
-    policy = _policy(args, n_layers, n_img)
     per_layer = image_tokens_per_layer(n_img, n_layers, policy)
     rows = []
     for n_txt in args.text_tokens:
@@ -68,20 +86,35 @@ def run(args: argparse.Namespace) -> int:
         rows.append({"text_tokens": n_txt, "system_tokens": args.system_tokens, "image_tokens": n_img,
                      **report.as_dict()})
     if args.json:
-        print(json.dumps({"model": str(args.model), "policy": repr(policy), "image_tokens_per_layer": per_layer,
-                          "rows": rows}, indent=2))
+        print(json.dumps({"model": str(args.model), "policy": repr(policy), "params": to_params(policy),
+                          "image_tokens": n_img, "image_tokens_note": shape.image_note,
+                          "decoder": _decoder(text_config), "image_tokens_per_layer": per_layer, "rows": rows},
+                         indent=2))
         return 0
+    print(_table(args, shape, n_img, policy, per_layer, rows))
+    return 0
+
+
+def _decoder(c) -> dict:
+    return {"layers": c.num_hidden_layers, "hidden": c.hidden_size, "ffn": c.intermediate_size,
+            "heads": c.num_attention_heads, "kv_heads": getattr(c, "num_key_value_heads", None) or
+            c.num_attention_heads, "model_type": c.model_type}
+
+
+def _table(args, shape, n_img: int, policy, per_layer: list[int], rows: list[dict]) -> str:
+    d = _decoder(shape.text_config)
+    source = "--image-tokens" if args.image_tokens is not None else shape.image_note
     runs = ", ".join(f"{n} (layers {per_layer.index(n)}-{len(per_layer) - 1 - per_layer[::-1].index(n)})"
                      for n in dict.fromkeys(per_layer))
-    print(f"{args.model}: {n_layers} layers, d={text_config.hidden_size}, FFN {text_config.intermediate_size}; "
-          f"{n_img} image tokens, {args.system_tokens} system tokens\npolicy: {policy!r}\n"
-          f"image tokens per layer: {runs}\n"
-          f"image-token x layer work kept: {rows[0]['image_work_kept']:.1%}  (the HiMAP README's 24%/23% figure)\n")
-    print(f"{'text tokens':>11}  {'vanilla FLOPs':>13}  {'pruned FLOPs':>12}  {'whole-sequence FLOPs kept':>25}"
-          f"  {'reduction':>9}")
+    lines = [f"{args.model}: {d['model_type']} decoder, {d['layers']} layers, d={d['hidden']}, FFN {d['ffn']}, "
+             f"{d['heads']} heads ({d['kv_heads']} key/value); {n_img} image tokens ({source}), "
+             f"{args.system_tokens} system tokens", f"policy: {policy!r}", f"image tokens per layer: {runs}",
+             f"image-token x layer work kept: {rows[0]['image_work_kept']:.1%}  (the HiMAP README's 24%/23% figure)",
+             "", f"{'text tokens':>11}  {'vanilla FLOPs':>13}  {'pruned FLOPs':>12}  {'whole-sequence FLOPs kept':>25}"
+             f"  {'reduction':>9}"]
     for r in rows:
-        print(f"{r['text_tokens']:>11}  {_si(r['vanilla']):>13}  {_si(r['pruned']):>12}  {r['flops_kept']:>25.1%}"
-              f"  {1 - r['flops_kept']:>9.1%}")
-    print("\nFLOPs per prefill, decoder layers only, FastV's count 4nd^2 + 2n^2d + 2ndm (Chen et al. 2024); the "
-          "HiMAP abstract's '~65% fewer FLOPs' is the reduction column.")
-    return 0
+        lines.append(f"{r['text_tokens']:>11}  {_si(r['vanilla']):>13}  {_si(r['pruned']):>12}  "
+                     f"{r['flops_kept']:>25.1%}  {1 - r['flops_kept']:>9.1%}")
+    lines += ["", "FLOPs per prefill, decoder layers only, FastV's count 4nd^2 + 2n^2d + 2ndm (Chen et al. 2024); the "
+              "HiMAP abstract's '~65% fewer FLOPs' is the reduction column."]
+    return "\n".join(lines)

@@ -67,12 +67,11 @@ def build_model(*, preset: str | None = None, layers: int | None = None, model_p
 
 
 def _checkpoint(path: str, layers: int | None, dtype: torch.dtype, device: str, attn: str):
-    from ..configs import DTYPES
     from ..loading import load_llava
 
     if layers is not None:
         raise UserError("--layers truncates a preset shape; it cannot be combined with a model path")
-    name = {v: k for k, v in DTYPES.items()}[dtype]
+    name = str(dtype).removeprefix("torch.")
     model, processor = load_llava(path, device=device, dtype=name, attn_implementation=attn)
     depth = model.config.text_config.num_hidden_layers
     return model, processor.tokenizer, f"checkpoint {path}", depth
