@@ -19,7 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .records import read_json
+from .errors import UserError
+from .io import make_dir, read_json
 
 GROUP_LABELS = ("System prompt", "Image tokens", "User instruction")
 GROUP_COLORS = ("#C6210D", "#007FBC", "#3F7430")
@@ -28,12 +29,27 @@ FLOW_COLORS = ("#007C9A", "#965E9B")
 FORM_NAMES = {"attn_grad": "|A ⊙ ∂L/∂A|", "original": "A²·|∂L/∂A| (released code)"}
 
 
+REQUIRED = {"saliency": ("form", "n_questions", "props4all", "props4img"),
+            "disrupt": ("mode", "window", "n_questions", "flows")}
+
+
 def read_summary(path: str | Path) -> dict:
-    """A saliency or disrupt summary JSON; one clear ``ValueError`` for anything else."""
+    """A saliency or disrupt summary JSON; one clear ``UserError`` for anything else (not JSON, truncated,
+    another kind of file)."""
     summary = read_json(path, "result file")
-    if not isinstance(summary, dict) or summary.get("kind") not in ("saliency", "disrupt"):
-        raise ValueError(f"{path} is not a himap saliency or disrupt summary (no 'kind')")
+    if not isinstance(summary, dict) or summary.get("kind") not in REQUIRED:
+        raise UserError(f"{path} is not a himap saliency or disrupt summary (no 'kind')")
+    missing = [k for k in REQUIRED[summary["kind"]] if k not in summary]
+    if missing:
+        raise UserError(f"{path} is an incomplete {summary['kind']} summary: no {', '.join(missing)}")
     return summary
+
+
+def _save(fig: Figure, path: Path) -> None:
+    try:
+        fig.savefig(path)
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 def minmax(data: np.ndarray) -> np.ndarray:
@@ -61,14 +77,13 @@ def _bars(values: np.ndarray, labels, colors, title: str, ylabel: str, path: Pat
     ax.legend(fontsize=10, loc="upper right", frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     return path
 
 
 def plot_saliency(summary: dict, out_dir: str | Path, stem: str | None = None) -> list[Path]:
     """The two saliency figures of a saliency summary; returns their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(out_dir)
     stem = stem or f"saliency-{summary['form']}"
     form = FORM_NAMES.get(summary["form"], summary["form"])
     n = summary["n_questions"]
@@ -87,7 +102,7 @@ def plot_saliency(summary: dict, out_dir: str | Path, stem: str | None = None) -
 def plot_disruption(summary: dict, path: str | Path) -> Path:
     """Label and score consistency per flow against the first blocked layer."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     fig = Figure(figsize=(11, 4.4), dpi=150)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, sharex=True)
@@ -108,7 +123,7 @@ def plot_disruption(summary: dict, path: str | Path) -> Path:
     fig.suptitle(f"Attention disruption: flow blocked in {blocked}; {summary['n_questions']} questions",
                  fontsize=12)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     return path
 
 

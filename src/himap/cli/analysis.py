@@ -7,13 +7,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from .common import add_runtime_args, add_source_args
+from .common import add_config_args, add_output_args, config_from_args, output_paths, report_errors
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument_group("model and questions (the original scripts' flags)")
-    add_source_args(a)
-    add_runtime_args(a)
+    from ..experiments.source import Source
+
+    add_config_args(p.add_argument_group("model and questions (the original scripts' flags)"), Source)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -27,11 +27,12 @@ def register(sub) -> None:
     s = sub.add_parser("saliency", help="attention x gradient saliency of system / image / text tokens per layer",
                        description="Per question: gold answer letter as the label, backward, and per layer the "
                                    "head-averaged saliency summed into system / image / text groups. Re-running "
-                                   "the same command resumes.")
+                                   "the same command resumes (questions that ended in an error are retried); "
+                                   "changed settings are refused unless --fresh.")
     _source_args(s)
-    s.add_argument("--form", default="attn_grad", choices=("attn_grad", "original"),
-                   help="attn_grad: |A*dL/dA| (the paper); original: A^2*|dL/dA| (the released code)")
-    s.add_argument("--output-dir", default="runs/saliency", help="default: runs/saliency")
+    s.add_argument("--form", default="attn_grad",
+                   help="attn_grad: |A*dL/dA| (the paper, default); original: A^2*|dL/dA| (the released code)")
+    add_output_args(s, "runs/saliency", "saliency-<form>.json")
     s.set_defaults(run=run_saliency)
 
     d = sub.add_parser("disrupt", help="block an information flow in some layers and measure answer consistency",
@@ -48,12 +49,12 @@ def register(sub) -> None:
     d.add_argument("--layers", type=_ints, help="start layers to sweep, e.g. 0,4,8 (default: all)")
     d.add_argument("--isolate-window", type=int, help="block w layers from each start (1: one layer)")
     d.add_argument("--seed", type=int, default=0, help="img2rnd's random rows")
-    d.add_argument("--max-new-tokens", type=int, default=8)
+    d.add_argument("--max-new-tokens", type=int, default=8, help="answer length (default 8, the original's)")
     d.add_argument("--no-cache", dest="use_cache", action="store_false",
                    help="recompute the whole sequence per generated token, as the original (slower)")
     d.add_argument("--all-questions", action="store_true",
                    help="keep questions the unblocked model gets wrong; its own answer is then the label")
-    d.add_argument("--output-dir", default="runs/disrupt", help="default: runs/disrupt")
+    add_output_args(d, "runs/disrupt", "disrupt.json")
     d.set_defaults(run=run_disrupt)
 
     p = sub.add_parser("plot", help="figures from saliency / disrupt result files (no model needed)")
@@ -63,49 +64,56 @@ def register(sub) -> None:
 
 
 def _source(args: argparse.Namespace):
-    from ..analysis.runs import Source
+    from ..experiments.source import Source
 
     logging.basicConfig(level=logging.WARNING, format=f"himap {args.command}: %(message)s")
-    return Source(model_path=args.model_path, question_file=args.question_file, image_folder=args.image_folder,
-                  conv_mode=args.conv_mode, single_pred_prompt=args.single_pred_prompt, limit=args.limit,
-                  device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation)
+    return config_from_args(Source, args)
 
 
 def run_saliency(args: argparse.Namespace) -> int:
-    from ..analysis.runs import run_saliency as run
+    from ..experiments.saliency import run_saliency as run
     from ..plots import plot_saliency
 
-    summary = run(_source(args), args.output_dir, form=args.form, show_progress=args.progress)
-    out = Path(args.output_dir)
-    figures = plot_saliency(summary, out, stem=f"saliency-{args.form}")
+    source = _source(args)
+    out, result_file = output_paths(args, "runs/saliency")
+    summary = run(source, out, form=args.form, show_progress=args.progress, fresh=args.fresh,
+                  summary_file=result_file)
+    summary_path = Path(result_file or Path(out) / f"saliency-{args.form}.json")
+    figures = plot_saliency(summary, summary_path.parent, stem=summary_path.stem)
     print(f"saliency ({args.form}) of {summary['n_questions']} questions ({summary['n_errors']} skipped), "
           f"{summary['n_layers']} layers")
     print(f"{'layer':>5} {'sys':>10} {'img':>10} {'txt':>10} {'img->img':>10} {'img->txt':>10}")
     for i, (a, b) in enumerate(zip(summary["props4all"], summary["props4img"])):
         print(f"{i:>5} {a[0]:>10.3g} {a[1]:>10.3g} {a[2]:>10.3g} {b[0]:>10.3g} {b[1]:>10.3g}")
-    print("wrote", out / f"saliency-{args.form}.json", *figures)
-    return 0
+    print("wrote", summary_path, *figures)
+    n = summary["n_questions"] + summary["n_errors"]
+    return report_errors("saliency", summary["n_errors"], n, summary["first_error"], str(Path(out) / summary["files"]["per_question"]))
 
 
 def run_disrupt(args: argparse.Namespace) -> int:
-    from ..analysis.disruption import DisruptConfig, format_table, run_disrupt as run
+    from ..errors import UserError
+    from ..experiments.disrupt import DisruptConfig, format_table, run_disrupt as run
     from ..plots import plot_disruption
 
     if args.isolate_layer is not None and args.layers is not None:
-        raise ValueError("give --isolate-layer or --layers, not both")
+        raise UserError("give --isolate-layer or --layers, not both")
     starts = (args.isolate_layer,) if args.isolate_layer is not None else args.layers
     flows = tuple(f.strip() for f in args.flows.split(",") if f.strip())
     cfg = DisruptConfig(flows=flows, starts=starts, window=args.isolate_window, seed=args.seed,
                         max_new_tokens=args.max_new_tokens, use_cache=args.use_cache,
                         all_questions=args.all_questions)
-    summary = run(_source(args), args.output_dir, cfg, show_progress=args.progress)
-    figure = plot_disruption(summary, Path(args.output_dir) / "disrupt.png")
+    source = _source(args)
+    out, result_file = output_paths(args, "runs/disrupt")
+    summary = run(source, out, cfg, show_progress=args.progress, fresh=args.fresh, summary_file=result_file)
+    summary_path = Path(result_file or Path(out) / "disrupt.json")
+    figure = plot_disruption(summary, summary_path.with_suffix(".png"))
     print(format_table(summary))
     if summary["n_questions"] == 0:
         print(f"no vanilla-correct question among {summary['n_references']} answered; --all-questions compares "
               f"with the unblocked model's own answers instead")
-    print("wrote", Path(args.output_dir) / "disrupt.json", figure)
-    return 0
+    print("wrote", summary_path, figure)
+    return report_errors("disrupt", summary["n_errors"], summary["n_read"], summary["first_error"],
+                         str(Path(out) / "reference.jsonl"))
 
 
 def run_plot(args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..records import read_json
+from ..errors import UserError
+from ..io import read_json
 
 SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
 IMAGE_PLACEHOLDER = "<image>"
@@ -45,27 +46,35 @@ class Question:
 
     @classmethod
     def from_record(cls, record: object) -> "Question":
-        """Parse one record; a malformed record raises ``ValueError`` naming what is wrong."""
+        """Parse one record; a malformed record raises ``UserError`` naming what is wrong."""
         if not isinstance(record, dict):
-            raise ValueError(f"record is a {type(record).__name__}, not an object")
+            raise UserError(f"record is a {type(record).__name__}, not an object")
         missing = [k for k in ("id", "conversations") if k not in record]
         if missing:
-            raise ValueError(f"record {record.get('id', '?')!r} lacks {', '.join(missing)}")
+            raise UserError(f"record {record.get('id', '?')!r} lacks {', '.join(missing)}")
         turns = record["conversations"]
         if (not isinstance(turns, list) or len(turns) < 2 or not all(isinstance(t, dict) and "value" in t
                                                                         for t in turns[:2])):
-            raise ValueError(f"record {record['id']!r}: conversations must hold a human and a gpt turn")
+            raise UserError(f"record {record['id']!r}: conversations must hold a human and a gpt turn")
         text = str(turns[0]["value"]).replace(IMAGE_PLACEHOLDER, "").strip()
+        answer = turns[1]["value"]
+        if not isinstance(answer, str) or not answer.strip():
+            raise UserError(f"record {record['id']!r} has an empty answer (the gpt turn's value: {answer!r})")
+        image = record.get("image")
+        if image is not None and (not isinstance(image, str) or not image.strip()):
+            raise UserError(f"record {record['id']!r}: image must be a relative path, got {image!r}")
         top5 = record.get("top5_res")
-        return cls(id=str(record["id"]), text=text, answer=str(turns[1]["value"]).strip(),
-                   image=record.get("image"), top5=tuple(top5) if top5 is not None else None)
+        if top5 is not None and (not isinstance(top5, list) or not all(isinstance(t, int) for t in top5)):
+            raise UserError(f"record {record['id']!r}: top5_res must be a list of token ids, got {top5!r}")
+        return cls(id=str(record["id"]), text=text, answer=answer.strip(), image=image,
+                   top5=tuple(top5) if top5 is not None else None)
 
 
 def read_question_file(path: str | Path) -> list:
-    """The raw records of a question file; a missing or malformed file raises one clear ``ValueError``."""
+    """The raw records of a question file; a missing or malformed file raises one clear ``UserError``."""
     records = read_json(path, "question file")
     if not isinstance(records, list):
-        raise ValueError(f"question file {path} must hold a JSON list of records, got {type(records).__name__}")
+        raise UserError(f"question file {path} must hold a JSON list of records, got {type(records).__name__}")
     return records
 
 
@@ -76,15 +85,15 @@ def load_questions(path: str | Path) -> list[Question]:
     for i, record in enumerate(read_question_file(path)):
         try:
             questions.append(Question.from_record(record))
-        except ValueError as err:
-            raise ValueError(f"{path}: record {i}: {err}") from None
+        except UserError as err:
+            raise UserError(f"{path}: record {i}: {err}") from None
     return questions
 
 
 def build_prompt(question: Question, conv_mode: str = "vicuna_v1", single_pred_prompt: bool = True) -> str:
     """The prompt the original LLaVA/HiMAP ScienceQA eval builds (``model_vqa_science``)."""
     if conv_mode not in CONV_TEMPLATES:
-        raise ValueError(f"unknown conv mode {conv_mode!r}; choose one of {', '.join(CONV_TEMPLATES)}")
+        raise UserError(f"unknown conv mode {conv_mode!r}; choose one of {', '.join(CONV_TEMPLATES)}")
     message = question.text
     if question.image is not None:
         message = f"{IMAGE_PLACEHOLDER}\n{message}"
@@ -96,7 +105,7 @@ def build_prompt(question: Question, conv_mode: str = "vicuna_v1", single_pred_p
 def check_conv_mode(conv_mode: str) -> None:
     """A prompt mode :func:`make_prompt` knows, or one line naming the choices."""
     if conv_mode not in (*CONV_TEMPLATES, "chat_template"):
-        raise ValueError(f"unknown conv mode {conv_mode!r}; choose {', '.join(CONV_TEMPLATES)} or chat_template")
+        raise UserError(f"unknown conv mode {conv_mode!r}; choose {', '.join(CONV_TEMPLATES)} or chat_template")
 
 
 def make_prompt(question: Question, processor, conv_mode: str = "vicuna_v1", single_pred_prompt: bool = True) -> str:

@@ -8,7 +8,7 @@ Two sources hold the same problems:
   subject, topic, category, skill, lecture, solution) with no id column: the ids are ``pid_splits.json``'s, in
   row order, so the row count of a split must equal its pid count.
 
-Output (NOTES.md §5): ``<out>/<name>.json``, a list of ``{"id", "image": "<pid>/image.png", "conversations":
+Output: ``<out>/<name>.json``, a list of ``{"id", "image": "<pid>/image.png", "conversations":
 [{"from": "human", "value": "<image>\\n" + ("Context: {hint}\\n" if hint) + question + "\\n" + "A. choice"
 lines joined by "\\n"}, {"from": "gpt", "value": letter}]}`` written with ``json.dumps(indent=2,
 ensure_ascii=False)``, and the images, byte for byte, at ``<out>/images/<split>/<pid>/image.png`` (the
@@ -18,19 +18,14 @@ and no ``<image>`` line. ``split="test", only_image=True`` gives the paper's 201
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..records import read_json
+from ..errors import UserError
+from ..io import make_dir, read_json, write_question_file
 from .scienceqa import IMAGE_PLACEHOLDER
-
-log = logging.getLogger(__name__)
 
 IMAGE_NAME = "image.png"
 PARQUET_COLUMNS = ("image", "question", "choices", "answer", "hint", "task", "grade", "subject", "topic",
@@ -49,12 +44,35 @@ class Problem:
     hint: str = ""
     image: bytes | Path | None = None
 
-    def __post_init__(self):
-        if not 2 <= len(self.choices) <= 26:
-            raise ValueError(f"problem {self.pid}: {len(self.choices)} choices (need 2 to 26)")
-        if not isinstance(self.answer, int) or not 0 <= self.answer < len(self.choices):
-            raise ValueError(f"problem {self.pid}: answer {self.answer!r} is not an index into its "
-                             f"{len(self.choices)} choices")
+    @classmethod
+    def from_fields(cls, pid: str, raw: dict, image: bytes | Path | None) -> "Problem":
+        """A problem from a source record's fields, each checked: one ``UserError`` naming what is wrong."""
+        question, choices, answer, hint = (raw.get(k) for k in ("question", "choices", "answer", "hint"))
+        if not isinstance(question, str) or not question.strip():
+            raise UserError(f"question is {question!r}, not a text")
+        if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) and c.strip() for c in choices):
+            raise UserError(f"choices must be a list of texts, got {choices!r}"[:160])
+        if not 2 <= len(choices) <= 26:
+            raise UserError(f"{len(choices)} choices (need 2 to 26)")
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise UserError(f"answer {answer!r} is not an index into its {len(choices)} choices")
+        if hint is not None and not isinstance(hint, str):
+            raise UserError(f"hint must be a text, got {hint!r}")
+        return cls(pid, question, tuple(choices), answer, hint or "", image)
+
+
+def checked(rows: Iterable[tuple[str, dict, bytes | Path | None]]) -> Iterator[Problem]:
+    """The problems of ``(pid, fields, image)`` rows; after the last one, one ``UserError`` naming every
+    record whose fields are invalid (the question file is then not written)."""
+    bad = []
+    for pid, raw, image in rows:
+        try:
+            yield Problem.from_fields(pid, raw, image)
+        except UserError as err:
+            bad.append(f"{pid}: {err}")
+    if bad:
+        raise UserError(f"{len(bad)} source record(s) with invalid fields, nothing written: {'; '.join(bad[:5])}"
+                        f"{' ...' if len(bad) > 5 else ''}")
 
 
 def letter(index: int) -> str:
@@ -90,7 +108,7 @@ def split_pids(pid_splits: Path, split: str) -> list[str]:
     split = canonical_split(split)
     if not isinstance(splits, dict) or split not in splits:
         names = ", ".join(splits) if isinstance(splits, dict) else "none"
-        raise ValueError(f"{pid_splits} has no split {split!r} (it has: {names})")
+        raise UserError(f"{pid_splits} has no split {split!r} (it has: {names})")
     return [str(p) for p in splits[split]]
 
 
@@ -99,17 +117,22 @@ def read_official(root: str | Path, split: str, pid_splits: str | Path | None = 
     root = Path(root)
     problems = read_json(root / "problems.json", "problems.json")
     if not isinstance(problems, dict):
-        raise ValueError(f"{root / 'problems.json'} must map problem ids to problems")
-    for pid in split_pids(Path(pid_splits) if pid_splits else root / "pid_splits.json", split):
+        raise UserError(f"{root / 'problems.json'} must map problem ids to problems")
+    return checked(_official_rows(root, problems, split_pids(Path(pid_splits) if pid_splits else
+                                                          root / "pid_splits.json", split), split))
+
+
+def _official_rows(root: Path, problems: dict, pids: list[str], split: str) -> Iterator[tuple]:
+    for pid in pids:
         p = problems.get(pid)
-        if not isinstance(p, dict) or not all(k in p for k in ("question", "choices", "answer")):
-            raise ValueError(f"problems.json has no problem {pid} with question, choices and answer")
+        if not isinstance(p, dict):
+            raise UserError(f"problems.json has no problem {pid} (pid_splits.json lists it)")
         image = None
         if p.get("image"):   # images sit under the problem's own split (it differs for minival, trainval...)
             image = root / "images" / p.get("split", split) / pid / p["image"]
             if not image.is_file():
-                raise ValueError(f"missing image of problem {pid}: {image}")
-        yield Problem(pid, p["question"], tuple(p["choices"]), p["answer"], p.get("hint") or "", image)
+                raise UserError(f"missing image of problem {pid}: {image}")
+        yield pid, p, image
 
 
 def parquet_files(source: Path, split: str) -> list[Path]:
@@ -120,7 +143,7 @@ def parquet_files(source: Path, split: str) -> list[Path]:
     files = sorted((p for p in source.rglob("*.parquet") if p.name.startswith((f"{prefix}-", f"{prefix}."))),
                    key=lambda p: p.name)
     if not files:
-        raise ValueError(f"no {prefix}-*.parquet files under {source}")
+        raise UserError(f"no {prefix}-*.parquet files under {source}")
     return files
 
 
@@ -134,18 +157,21 @@ def read_parquet(files: Iterable[str | Path], split: str, pid_splits: str | Path
     for f, reader in zip(files, readers):
         missing = [c for c in PARQUET_COLUMNS if c not in reader.schema_arrow.names]
         if missing:
-            raise ValueError(f"{f} is not a ScienceQA parquet mirror: no column {', '.join(missing)}")
+            raise UserError(f"{f} is not a ScienceQA parquet mirror: no column {', '.join(missing)}")
     rows = sum(r.metadata.num_rows for r in readers)
     if rows != len(pids):
-        raise ValueError(f"the parquet files hold {rows} rows but pid_splits.json lists {len(pids)} {split} "
+        raise UserError(f"the parquet files hold {rows} rows but pid_splits.json lists {len(pids)} {split} "
                          "problems: ids come from row order, so the counts must match")
+    return checked(_parquet_rows(readers, pids))
+
+
+def _parquet_rows(readers: list, pids: list[str]) -> Iterator[tuple]:
     ids = iter(pids)
     for reader in readers:
         for batch in reader.iter_batches(batch_size=256, columns=["image", "question", "choices", "answer", "hint"]):
             for row in batch.to_pylist():
                 pid, image = next(ids), row["image"]
-                data = image.get("bytes") if isinstance(image, dict) else None
-                yield Problem(pid, row["question"], tuple(row["choices"]), row["answer"], row["hint"] or "", data)
+                yield pid, row, image.get("bytes") if isinstance(image, dict) else None
 
 
 def default_name(split: str, only_image: bool) -> str:
@@ -170,20 +196,17 @@ def write_questions(problems: Iterable[Problem], out: str | Path, split: str, *,
             if only_image:
                 continue
         else:
-            dest = folder / problem.pid / IMAGE_NAME
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(problem.image, Path):
-                shutil.copyfile(problem.image, dest)
-            else:
-                dest.write_bytes(problem.image)
+            dest = make_dir(folder / problem.pid, "image folder") / IMAGE_NAME
+            try:
+                if isinstance(problem.image, Path):
+                    shutil.copyfile(problem.image, dest)
+                else:
+                    dest.write_bytes(problem.image)
+            except OSError as err:
+                raise UserError(f"cannot write {dest}: {err.strerror or err}") from None
             n_images += 1
         records.append(to_record(problem))
-    path = out / (name or default_name(split, only_image))
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=out)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(json.dumps(records, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
+    path = write_question_file(records, out / (name or default_name(split, only_image)))
     return path, len(records), n_images
 
 
@@ -191,7 +214,7 @@ def _find_pid_splits(source: Path) -> Path:
     for folder in (source, *source.parents[:2]):
         if (folder / "pid_splits.json").is_file():
             return folder / "pid_splits.json"
-    raise ValueError(f"no pid_splits.json beside {source}: pass --pid-splits (a parquet mirror has no ids, they "
+    raise UserError(f"no pid_splits.json beside {source}: pass --pid-splits (a parquet mirror has no ids, they "
                      "come from the official pid_splits.json in row order)")
 
 
@@ -203,7 +226,7 @@ def convert_scienceqa(source: str | Path, out: str | Path, *, split: str = "test
     source = Path(source)
     split = canonical_split(split)
     if not source.exists():
-        raise ValueError(f"ScienceQA source not found: {source}")
+        raise UserError(f"ScienceQA source not found: {source}")
     if source.is_dir() and (source / "problems.json").is_file():
         problems = read_official(source, split, pid_splits)
     else:

@@ -1,5 +1,5 @@
-"""Attention disruption over a question file: block a flow in a range of layers and measure how much the answer
-changes, as the original ``attn_disruption.py`` does.
+"""Attention disruption over a question file (``himap disrupt``): block a flow in a range of layers and measure how
+much the answer changes, as the original ``attn_disruption.py`` does.
 
 Metrics, on the "vanilla-correct" questions (the unblocked model answers them right):
 
@@ -8,13 +8,17 @@ Metrics, on the "vanilla-correct" questions (the unblocked model answers them ri
   (``top5_res`` of a VC file, else computed here from the unblocked model).
 
 A question file without ``top5_res`` is filtered on the fly: the unblocked model answers each question first and
-only exact-match correct questions are kept. With ``all_questions`` every question is kept and the unblocked
-model's own answer is the label (for a vanilla-correct question this is the gold letter, so the metric is the
-same); that makes the untrained demo model measurable.
+only exact-match correct questions are measured, so the number of questions read (the progress bar) can exceed
+the number measured (the table): the table says how many were left out and why. With ``all_questions`` every
+question is kept and the unblocked model's own answer is the label (for a vanilla-correct question this is the
+gold letter, so the metric is the same); that makes an untrained model measurable.
 
 Layer ranges: the original edits the attention mask that all later layers share *in place*, so its
 ``--isolate-layer k`` blocks layers **k..last**, not layer k alone. That is the default here (``window=None``);
 ``window=w`` blocks layers k..k+w-1 (w=1: one layer).
+
+Files: ``reference.jsonl`` (per question), ``disrupt.jsonl`` (per flow, range and question; resumable; errors
+are retried) and the summary ``disrupt.json`` (the curves ``himap plot`` draws), plus ``run.json``.
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from ..records import JsonlLog
-from .knockout import knockout, parse_flow
-from .runs import Item, Source, count_questions, good_records, load_model, open_run, progress, read_items, write_json
+from ..errors import UserError
+from ..io import JsonlLog, write_json
+from .items import Item, Setup, progress, read_items, run_records, setup
+from .run import error_summary
+from .source import Source
 
 DEFAULT_FLOWS = ("img2img", "img2txt", "img2rnd")
 
@@ -42,21 +46,23 @@ class DisruptConfig:
     all_questions: bool = False
 
     def __post_init__(self):
+        from ..analysis.knockout import parse_flow
+
         if not self.flows:
-            raise ValueError("give at least one flow")
+            raise UserError("give at least one flow")
         for flow in self.flows:
             parse_flow(flow)
         if self.window is not None and self.window < 1:
-            raise ValueError(f"window must be >= 1 layer, got {self.window}")
+            raise UserError(f"window must be >= 1 layer, got {self.window}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
     def ranges(self, n_layers: int) -> list[tuple[int, int]]:
         """Half-open layer ranges [start, stop) to block, one per start layer."""
         starts = range(n_layers) if self.starts is None else self.starts
         bad = [k for k in starts if not 0 <= k < n_layers]
         if bad:
-            raise ValueError(f"start layer(s) {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+            raise UserError(f"start layer(s) {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
         stop = (lambda k: n_layers) if self.window is None else (lambda k: min(k + self.window, n_layers))
         return [(k, stop(k)) for k in starts]
 
@@ -68,6 +74,8 @@ def jaccard(a, b) -> float:
 
 def generate(model, tokenizer, inputs: dict, max_new_tokens: int, use_cache: bool) -> tuple[str, list[int]]:
     """Greedy output text (stripped) and the first step's top-5 token ids."""
+    import torch
+
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache,
                              output_scores=True, return_dict_in_generate=True)
@@ -92,39 +100,43 @@ def _reference(model, tokenizer, item: Item, cfg: DisruptConfig) -> dict:
 
 
 def run_disrupt(source: Source, output_dir: str | Path, cfg: DisruptConfig = DisruptConfig(),
-                show_progress: bool = True) -> dict:
-    """Every flow x layer range on every usable question: ``reference.jsonl`` (per question), ``disrupt.jsonl``
-    (per flow, range and question; resumable) and ``disrupt.json`` (the curves ``himap plot`` draws)."""
-    source, out = source.resolved(), Path(output_dir)
-    open_run(source, out, {"command": "disrupt", "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens,
-                           "use_cache": cfg.use_cache, "all_questions": cfg.all_questions,
-                           **{k: getattr(source, k) for k in ("model_path", "question_file", "conv_mode",
-                                                                 "single_pred_prompt", "dtype")}})
-    refs, results = JsonlLog(out / "reference.jsonl"), JsonlLog(out / "disrupt.jsonl", key="key")
-    model, processor, device = load_model(source)
-    spans = cfg.ranges(len(model.model.language_model.layers))
-    planned = [(flow, span) for flow in cfg.flows for span in spans]
-    known = {r["id"]: r for r in good_records(refs.path)[0]}
+                show_progress: bool = True, *, fresh: bool = False, summary_file: str | Path | None = None) -> dict:
+    """Every flow x layer range on every usable question of ``source`` into ``output_dir``; returns the summary
+    (also written to ``summary_file``, default ``<output_dir>/disrupt.json``)."""
+    settings = {"command": "disrupt", "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens,
+                "use_cache": cfg.use_cache, "all_questions": cfg.all_questions}
+    run = setup(source, output_dir, "run.json", settings, fresh=fresh,
+                files=("reference.jsonl", "disrupt.jsonl", "disrupt.json"))
+    from ..models import decoder_layers
+
+    n_layers = len(decoder_layers(run.model))
+    refs, results = JsonlLog(run.out / "reference.jsonl"), JsonlLog(run.out / "disrupt.jsonl", key="key")
+    planned = [(flow, span) for flow in cfg.flows for span in cfg.ranges(n_layers)]
+    known = {r["id"]: r for r in refs.records() if not r.get("error")}
     done = {qid for qid, r in known.items()
             if r["label"] is None or all(key(f, s, qid) in results.done for f, s in planned)}
-    items = read_items(source, processor, device, done)
-    for item in progress(items, count_questions(source) - len(done), "disrupt", show_progress):
+    tokenizer = run.processor.tokenizer
+    items = read_items(run, done, room=cfg.max_new_tokens)
+    for item in progress(items, len(run.questions) - len(done), "disrupt (questions read)", show_progress):
         if isinstance(item, dict):
-            if item["id"] not in refs.done:
-                refs.append(item)
+            refs.append(item)
             continue
-        _disrupt_one(model, processor.tokenizer, item, cfg, planned, known, refs, results)
-    return summarize(out, cfg, planned, n_layers=len(model.model.language_model.layers), source=source)
+        _disrupt_one(run.model, tokenizer, item, cfg, planned, known, refs, results)
+    summary = summarize(run, refs, results, cfg, planned, n_layers=n_layers)
+    write_json(Path(summary_file) if summary_file else run.out / "disrupt.json", summary)
+    return summary
 
 
 def _disrupt_one(model, tokenizer, item: Item, cfg: DisruptConfig, planned, known: dict, refs: JsonlLog,
                  results: JsonlLog) -> None:
+    from ..analysis.knockout import knockout
+
     qid = item.question.id
     ref = known.get(qid)
     if ref is None:
         try:
             ref = _reference(model, tokenizer, item, cfg)
-        except ValueError as err:
+        except UserError as err:
             refs.append({"id": qid, "error": str(err)})
             return
         refs.append(ref)
@@ -138,18 +150,20 @@ def _disrupt_one(model, tokenizer, item: Item, cfg: DisruptConfig, planned, know
         try:
             with knockout(model, flow, layers=range(*span), seed=cfg.seed):
                 output, top5 = generate(model, tokenizer, item.inputs, cfg.max_new_tokens, cfg.use_cache)
-        except ValueError as err:
+        except UserError as err:
             results.append({**record, "error": str(err)})
             continue
         results.append({**record, "output": output, "top5": top5, "label_consistent": ref["label"] in output,
                         "score_consistency": jaccard(top5, ref["top5"]), "error": None})
 
 
-def summarize(out: Path, cfg: DisruptConfig, planned, *, n_layers: int, source: Source) -> dict:
-    """Mean label / score consistency per flow and start layer over the usable questions; writes disrupt.json."""
-    refs, _ = good_records(out / "reference.jsonl")
-    usable = {r["id"] for r in refs if r.get("label") is not None}
-    by_key = {r["key"]: r for r in good_records(out / "disrupt.jsonl")[0]}
+def summarize(run: Setup, refs: JsonlLog, results: JsonlLog, cfg: DisruptConfig, planned, *, n_layers: int) -> dict:
+    """Mean label / score consistency per flow and start layer over the usable questions of this run."""
+    references = run_records(refs, run)
+    n_errors, first = error_summary(references)
+    usable = {r["id"] for r in references if not r.get("error") and r.get("label") is not None}
+    by_key = {r["key"]: r for r in results.records() if not r.get("error")}
+    n_failed = len({r["id"] for r in results.records() if r.get("error") and r["id"] in usable})
     flows = {}
     for flow in cfg.flows:
         rows = {"start": [], "stop": [], "label_consistency": [], "score_consistency": [], "n": []}
@@ -163,13 +177,13 @@ def summarize(out: Path, cfg: DisruptConfig, planned, *, n_layers: int, source: 
             rows["label_consistency"].append(_mean([float(r["label_consistent"]) for r in recs]))
             rows["score_consistency"].append(_mean([r["score_consistency"] for r in recs]))
         flows[flow] = rows
-    summary = {"kind": "disrupt", "n_layers": n_layers, "mode": "to_last" if cfg.window is None else "window",
-               "window": cfg.window, "n_questions": len(usable), "n_references": len(refs),
-               "flows": flows, "config": {"seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens,
-                                          "use_cache": cfg.use_cache, "all_questions": cfg.all_questions,
-                                          "model_path": source.model_path, "question_file": source.question_file}}
-    write_json(out / "disrupt.json", summary)
-    return summary
+    source = run.source
+    return {"kind": "disrupt", "n_layers": n_layers, "mode": "to_last" if cfg.window is None else "window",
+            "window": cfg.window, "n_questions": len(usable), "n_read": len(references),
+            "n_references": len(references) - n_errors, "n_errors": n_errors + n_failed, "first_error": first,
+            "flows": flows, "config": {"seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens,
+                                       "use_cache": cfg.use_cache, "all_questions": cfg.all_questions,
+                                       "model_path": source.model_path, "question_file": source.question_file}}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -177,11 +191,19 @@ def _mean(values: list[float]) -> float | None:
 
 
 def format_table(summary: dict) -> str:
-    """Start layer x flow: label / score consistency, as the original prints per run."""
+    """Start layer x flow: label / score consistency, as the original prints per run. The header says how many
+    of the questions read were measured and why the others were not."""
     flows = summary["flows"]
     span = "k..last" if summary["mode"] == "to_last" else f"k..k+{summary['window'] - 1}"
+    n_read = summary.get("n_read", summary["n_questions"])
+    left_out = summary.get("n_references", n_read) - summary["n_questions"]
+    notes = [f"{left_out} answered wrong by the unblocked model"] if left_out else []
+    if summary.get("n_errors"):
+        notes.append(f"{summary['n_errors']} ended in an error")
+    why = f" ({'; '.join(notes)})" if notes else ""
     head = f"{'k':>3} {'layers':>9}" + "".join(f" {f + ' label':>14} {f + ' score':>14}" for f in flows)
-    lines = [f"attention disruption: blocked layers {span}, {summary['n_questions']} questions", head]
+    lines = [f"attention disruption: blocked layers {span}, {summary['n_questions']} questions measured of "
+             f"{n_read} read{why}", head]
     first = next(iter(flows.values()))
     for i, (start, stop) in enumerate(zip(first["start"], first["stop"])):
         cells = "".join(f" {_fmt(flows[f]['label_consistency'][i]):>14} {_fmt(flows[f]['score_consistency'][i]):>14}"
