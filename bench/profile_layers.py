@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/profile_layers.py --layers 9 --dtype float32 --repeats 3
 
-Forward hooks time every layer (and the whole language model) inside ordinary prefills, interleaved across
+Forward hooks time every decoder layer, its attention and its MLP inside ordinary prefills, interleaved across
 policies after one warm-up round; medians are printed. CPU only (no device synchronisation).
 """
 
@@ -15,29 +15,29 @@ import time
 
 import torch
 
-from himap import benchmark as bm
-from himap.configs import preset_config, random_llava
-from himap.loading import DTYPES
+from himap import perf as bm
+from himap.configs import DTYPE_NAMES, PRESETS, torch_dtype
+from himap.models import decoder_layers
 
 
 def timed_modules(model) -> dict:
-    lm = model.model.language_model
-    named = {"decoder": lm}
-    for i, layer in enumerate(lm.layers):
+    layers = decoder_layers(model)
+    named = {}
+    for i, layer in enumerate(layers):
         named.update({f"layer{i}": layer, f"attn{i}": layer.self_attn, f"mlp{i}": layer.mlp})
     return named
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="llava-1.5-7b")
+    p.add_argument("--preset", default="llava-1.5-7b", choices=tuple(PRESETS))
     p.add_argument("--layers", type=int, default=9)
-    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    model = random_llava(preset_config(args.preset, layers=args.layers), dtype=DTYPES[args.dtype])
-    layout = bm.default_layout(model.config)
-    inputs, policies = bm.synthetic_inputs(model, layout), bm.default_policies(layout.n_img)
+    model, _, _, full_depth = bm.build_model(preset=args.preset, layers=args.layers, dtype=torch_dtype(args.dtype))
+    layout = bm.Layout(bm.DEFAULT_SYS_TOKENS, bm.typical_image_tokens(model), bm.DEFAULT_TXT_TOKENS)
+    inputs, policies = bm.synthetic_inputs(model, layout), bm.bench_policies(full_depth)
     seconds, began = collections.defaultdict(list), {}
     for name, module in timed_modules(model).items():
         module.register_forward_pre_hook(lambda m, a, name=name: began.__setitem__(name, time.perf_counter()))
@@ -51,8 +51,7 @@ def main() -> None:
                 got[policy][key] += values if measured else []
     for policy, times in got.items():
         med = {key: statistics.median(values) for key, values in times.items()}
-        print(f"{policy}: decoder {med['decoder']:.2f} s, sum of layer medians "
-              f"{sum(med[f'layer{i}'] for i in range(args.layers)):.2f} s")
+        print(f"{policy}: sum of layer medians {sum(med[f'layer{i}'] for i in range(args.layers)):.2f} s")
         for part in ("layer", "attn", "mlp"):
             print(f"  {part:>5}: " + " ".join(f"{med[f'{part}{i}']:.2f}" for i in range(args.layers)))
 

@@ -23,7 +23,7 @@ fi
 machine="$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM"
 flags=$( (grep -o -w -E 'avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo || true) | sort -u | tr '\n' ' ')
 start=$(date +%s)
-.venv/bin/himap bench --preset llava-1.5-7b --layers "$LAYERS" --dtype "$DTYPE" --device cpu \
+.venv/bin/himap bench --model llava-1.5-7b --layers "$LAYERS" --dtype "$DTYPE" --device cpu \
   --repeats "$REPEATS" --warmup 1 --gen-repeats "$GEN_REPEATS" --profile-repeats "${PROFILE_REPEATS:-1}" \
   --new-tokens $NEW_TOKENS --nocache-tokens $NOCACHE_TOKENS "${layout[@]}" \
   --out "$OUT.json" --markdown "$OUT.md"

@@ -5,15 +5,20 @@ import json
 import re
 
 import pytest
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import himap
 from conftest import make_inputs
 from himap.cli import main
 from himap.configs import PRESETS, preset_config, random_llava, read_model_config, tiny_config
-from himap.flops import (image_tokens_per_layer, layer_flops, layer_matmul_flops, prefill_flops, prefill_flops_for,
-                         prefill_matmul_flops_for)
+from himap.flops import (
+    image_tokens_per_layer,
+    layer_flops,
+    layer_matmul_flops,
+    prefill_flops,
+    prefill_flops_for,
+    prefill_matmul_flops_for,
+)
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 SHIPPED = himap.HiMAP(k1=2, r1=288, k2=8, r2=72)
