@@ -21,11 +21,12 @@ datasets = pytest.importorskip("datasets")
 from lmms_eval import evaluator  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
 
+import himap  # noqa: E402
 from himap import HiMAP, apply  # noqa: E402
-from himap.costs import prefill_flops_for  # noqa: E402
 from himap.data.demo import ensure_demo  # noqa: E402
 from himap.data.scienceqa import SINGLE_PRED_PROMPT  # noqa: E402
 from himap.data.synthetic import generate  # noqa: E402
+from himap.flops import prefill_flops_for  # noqa: E402
 
 TASK, N_ITEMS, MAX_NEW_TOKENS = "himap_sqa_img_local", 4, 8
 SCHEMA_EXTRA = ("task", "grade", "subject", "topic", "category", "skill", "lecture", "solution")
@@ -51,7 +52,7 @@ def shape(demo):
     """(decoder layers, image tokens per image, text config) of the demo checkpoint."""
     from transformers import AutoConfig
 
-    from himap.costs import image_tokens_for
+    from himap.configs import image_tokens_for
 
     config = AutoConfig.from_pretrained(demo.model_dir)
     return config.text_config.num_hidden_layers, image_tokens_for(config), config.text_config
@@ -171,7 +172,8 @@ def test_policy_himap_prunes_and_reports(run, demo, items, shape, himap_args):
 
 def test_batched_equals_one_at_a_time(run, himap_args):
     args = as_model_args(himap_args)
-    batched, single = run("himap_llava", f"policy=himap,{args},batch_size=3"), run("himap_llava", f"policy=himap,{args}")
+    batched = run("himap_llava", f"policy=himap,{args},batch_size=3")
+    single = run("himap_llava", f"policy=himap,{args}")
     assert generations(batched) == generations(single)
     assert batched["throughput"]["avg_himap_pruned_prefills"] == N_ITEMS
     assert batched["results"][TASK]["exact_match,none"] == single["results"][TASK]["exact_match,none"]
@@ -181,13 +183,13 @@ def test_batched_equals_one_at_a_time(run, himap_args):
     ("policy=prune", "unknown policy 'prune'"),
     ("policy=himap,k1=3,k2=2", "k2 must be > k1"),
     ("policy=himap,r1=8,r2=16", "r2 must be <= r1"),
-    ("policy=himap,r1={big}", "keeps {big} image tokens but an image has only {n_img}"),
+    ("policy=himap,r1={big}", "r1={big} exceeds the {n_img} image tokens"),
     ("policy=himap,k2={layers}", "k2={layers} must be < the number of decoder layers"),
     ("policy=fastv,k=2,r=0", "r must be a positive integer"),
-    ("policy=fastv,k1=2", "policy=fastv takes k, r; got k1=2"),
-    ("policy=himap,r1=2.5", "r1 must be an integer, got 2.5"),
+    ("policy=fastv,k1=2", "policy fastv takes k, r; got k1"),
+    ("policy=himap,r1=2.5", "r1 as a fraction must be in (0, 1], got 2.5"),
     ("policy=random,seed=x", "seed must be an integer"),
-    ("policy=none,k=2", "policy=none takes no parameters"),
+    ("policy=none,k=2", "policy none takes no parameters"),
     ("polcy=himap", "unknown himap_llava model_args polcy"),
 ])
 def test_bad_model_args_raise_one_line(run, shape, model_args, message):
@@ -211,7 +213,10 @@ def test_cli_writes_results_with_the_himap_report(task_dir, demo, env):
     results = json.loads(files[0].read_text())
     assert "exact_match,none" in results["results"][TASK]
     assert results["config"]["model"] == "himap_llava"
-    demo_policy = demo.himap   # unset k/r: the defaults scaled to the model
-    assert results["throughput"]["avg_himap_r1"] == demo_policy.r1
+    from transformers import AutoConfig
+
+    layers = AutoConfig.from_pretrained(demo.model_dir).text_config.num_hidden_layers
+    # unset k/r: the defaults for the model's depth
+    assert results["throughput"]["avg_himap_r1"] == himap.policies.defaults("himap", layers)["r1"]
     assert results["throughput"]["avg_himap_pruned_prefills"] == 2
     assert "himap_llava: policy HiMAP(" in proc.stdout + proc.stderr

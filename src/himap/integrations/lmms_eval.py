@@ -12,7 +12,7 @@ accelerate data parallelism and the one-request-at-a-time loop (``batch_size=1``
 - ``batch_size > 1``: lmms-eval's llava-hf asserts a batch of 1, so batches run here, left-padded, with the
   same prompts, images and ``generate`` arguments (requests with different image counts go in separate
   batches, because a pruned batch needs the same number of image tokens per sample);
-- a report of every run: the policy, the decoder prefill FLOPs kept (FastV's formula, :mod:`himap.costs`, over
+- a report of every run: the policy, the decoder prefill FLOPs kept (FastV's formula, :mod:`himap.flops`, over
   the prefills actually run) and how many prefills were pruned, in the log and in the results JSON's
   ``throughput`` section (``avg_himap_*`` keys);
 - ``batch_size`` (and ``device``) in ``--model_args`` take precedence over the CLI's ``--batch_size`` default,
@@ -21,7 +21,6 @@ accelerate data parallelism and the one-request-at-a-time loop (``batch_size=1``
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import itertools
 import time
@@ -35,9 +34,12 @@ from lmms_eval.protocol import ChatMessages
 from loguru import logger as eval_logger
 from tqdm import tqdm
 
-from ..costs import image_tokens_for, layer_flops, prefill_flops_for
+from ..configs import image_tokens_for
 from ..engine import apply
-from ..models import multimodal_model
+from ..errors import UserError
+from ..flops import layer_flops, prefill_flops_for
+from ..models import inputs_module
+from ..policies import NAMES, to_params
 from .model_args import PARAM_NAMES, policy_from_args
 
 _LLAVA_ARGS = tuple(p for p in inspect.signature(_SimpleLlavaHf.__init__).parameters if p not in ("self", "kwargs"))
@@ -56,7 +58,7 @@ class PrefillMeter:
         self.prefills = self.pruned = 0
         self.vanilla = self.kept = 0
         self.image_work = self.image_prefills = 0.0
-        inner = multimodal_model(model)
+        inner = inputs_module(model)
         self._handles = [inner.register_forward_pre_hook(self._before, with_kwargs=True),
                          inner.register_forward_hook(self._after, with_kwargs=True)]
         self._in_prefill, self._batch = False, 0
@@ -106,24 +108,23 @@ class PrefillMeter:
 
 
 class HimapLlava(LlavaHf):
-    """lmms-eval's ``llava_hf`` (chat) with ``policy=none|himap|fastv|random`` and ``k1 r1 k2 r2`` / ``k r
-    seed``; every other model argument is ``llava_hf``'s."""
+    """lmms-eval's ``llava_hf`` (chat) with ``policy=`` any registered policy (or ``none``) and that policy's
+    fields (``k1 r1 k2 r2`` / ``k r seed``); every other model argument is ``llava_hf``'s."""
 
     is_simple = False
 
-    def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", policy: str = "none", *,
-                 k1=None, r1=None, k2=None, r2=None, k=None, r=None, seed=None, **kwargs) -> None:
+    def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", policy: str = "none", **kwargs) -> None:
+        params = {name: kwargs.pop(name) for name in PARAM_NAMES if name in kwargs}
         unknown = sorted(set(kwargs) - set(_LLAVA_ARGS))
         if unknown:
-            raise ValueError(f"unknown himap_llava model_args {', '.join(unknown)}; known: "
-                             f"{', '.join(('policy', *PARAM_NAMES, *_LLAVA_ARGS))}")
+            raise UserError(f"unknown himap_llava model_args {', '.join(unknown)}; known: "
+                            f"{', '.join(('policy', *PARAM_NAMES, *_LLAVA_ARGS))} (policy: {', '.join(NAMES)})")
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(pretrained, revision=kwargs.get("revision", "main"))
         if getattr(config, "model_type", None) != "llava":
-            raise ValueError(f"himap_llava needs a llava-hf LLaVA checkpoint; {pretrained} has model_type "
-                             f"{getattr(config, 'model_type', None)!r}")
-        params = dict(k1=k1, r1=r1, k2=k2, r2=r2, k=k, r=r, seed=seed)
+            raise UserError(f"himap_llava needs a llava-hf LLaVA checkpoint; {pretrained} has model_type "
+                            f"{getattr(config, 'model_type', None)!r}")
         self.himap_policy = policy_from_args(policy, params, n_layers=config.text_config.num_hidden_layers,
                                              n_img=image_tokens_for(config))
         if kwargs.get("device_map", "") == "":
@@ -148,8 +149,8 @@ class HimapLlava(LlavaHf):
 
     def policy_settings(self) -> dict:
         """The policy's parameters, prefixed ``himap_`` (empty for ``none``)."""
-        policy = self.himap_policy
-        return {} if policy is None else {f"himap_{k}": v for k, v in dataclasses.asdict(policy).items()}
+        params = to_params(self.himap_policy)
+        return {f"himap_{k}": v for k, v in params.items() if k != "name"} if self.himap_policy else {}
 
     def generate_until(self, requests) -> list:
         results = super().generate_until(requests) if self.batch_size == 1 else self._generate_batched(requests)
