@@ -8,8 +8,17 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import (CLIPConfig, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
-                          LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast)
+from transformers import (
+    CLIPConfig,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
 
 from himap.cli import main
 from himap.convert import convert
@@ -119,7 +128,8 @@ def reference(parts, image_token_id: int, vocab: int, pad_id: int) -> LlavaForCo
     model.model.language_model.load_state_dict(state)
     model.lm_head.weight.copy_(padded(llama.lm_head.weight))
     model.model.vision_tower.load_state_dict(clip.state_dict())
-    for i, linear in (("0", model.model.multi_modal_projector.linear_1), ("2", model.model.multi_modal_projector.linear_2)):
+    projector = model.model.multi_modal_projector
+    for i, linear in (("0", projector.linear_1), ("2", projector.linear_2)):
         linear.weight.copy_(proj[f"model.mm_projector.{i}.weight"])
         linear.bias.copy_(proj[f"model.mm_projector.{i}.bias"])
     return model

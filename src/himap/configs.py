@@ -12,7 +12,6 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from .errors import UserError

@@ -38,7 +38,7 @@ def register(subparsers) -> None:
 
 
 def budget(text: str):
-    from ..policies import parse_budget   # imported on use: the CLI starts without torch
+    from ..policies import parse_budget  # imported on use: the CLI starts without torch
 
     return parse_budget(text)
 
