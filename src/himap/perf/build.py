@@ -67,11 +67,11 @@ def build_model(*, preset: str | None = None, layers: int | None = None, model_p
 
 
 def _checkpoint(path: str, layers: int | None, dtype: torch.dtype, device: str, attn: str):
-    from ..loading import load_llava
+    from ..loading import load_model
 
     if layers is not None:
         raise UserError("--layers truncates a preset shape; it cannot be combined with a model path")
     name = str(dtype).removeprefix("torch.")
-    model, processor = load_llava(path, device=device, dtype=name, attn_implementation=attn)
+    model, processor = load_model(path, device=device, dtype=name, attn_implementation=attn)
     depth = model.config.text_config.num_hidden_layers
     return model, processor.tokenizer, f"checkpoint {path}", depth
