@@ -59,7 +59,8 @@ def build_model(*, preset: str | None = None, layers: int | None = None, model_p
     if model_path is not None:
         return _checkpoint(model_path, layers, dtype, device, attn_implementation)
     config = preset_config(preset, layers=layers, tiny_vision=not preset.startswith("llava-1.5"))
-    model = random_model(config, seed=seed, attn_implementation=attn_implementation, dtype=dtype).to(device)
+    with torch.device(device):   # weights are created (and randomly initialised) where they will run
+        model = random_model(config, seed=seed, attn_implementation=attn_implementation, dtype=dtype)
     total = preset_config(preset).text_config.num_hidden_layers
     depth = config.text_config.num_hidden_layers
     tower = "full vision tower" if preset.startswith("llava-1.5") else "minimal vision tower of the real geometry"
