@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 import himap
-from himap.analysis.disruption import DisruptConfig, format_table, jaccard
-from himap.analysis.runs import answer_token_id
+from himap.experiments.disrupt import DisruptConfig, format_table, jaccard
+from himap.experiments.items import answer_token_id
 from himap.cli import main
 from himap.data.scienceqa import build_prompt, load_questions
 from himap.loading import encode, load_llava, open_image
-from himap.records import read_jsonl
+from himap.io import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_GGUF = ROOT.parent / "shared" / "data" / "tokenizers" / "llama-spm.gguf"
@@ -146,7 +146,7 @@ def test_a_bad_question_is_recorded_and_skipped(demo_env, tmp_path, capsys):
     assert (summary["n_questions"], summary["n_errors"]) == (2, 2)
     assert main(["saliency", *common, "--question-file", str(qfile), "--image-folder", str(demo.image_folder),
                  "--form", "original", "--conv-mode", "chat_template"]) == 2
-    assert "other settings (conv_mode)" in capsys.readouterr().err
+    assert "other settings (conv_mode: 'vicuna_v1' -> 'chat_template')" in capsys.readouterr().err
     assert main(["saliency", *common, "--question-file", str(qfile), "--image-folder", str(demo.image_folder),
                  "--conv-mode", "llava_v1"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import himap
-from himap.evaluation import (RECORD_FIELDS, EvalConfig, chunk, evaluate, merge, parse_answer, predict,
-                              read_questions, write_vanilla_correct)
-from himap.records import read_jsonl
+from himap.experiments.eval import EvalConfig, evaluate, write_vanilla_correct
+from himap.experiments.predict import predict
+from himap.experiments.results import RECORD_FIELDS, merge, parse_answer
+from himap.experiments.source import chunk, read_questions
+from himap.io import read_jsonl
 
 LIMIT, TOKENS = 8, 4
 DETERMINISTIC = ("id", "output", "pred", "answer", "correct", "correct_lenient", "n_img", "n_sys", "n_text", "kept",
@@ -59,7 +61,7 @@ def test_vanilla_and_himap_runs_write_documented_fields(run, demo, tmp_path):
         assert summary["latency"]["total_s"]["mean"] > 0 and summary["config"]["model_shape"]["num_hidden_layers"] == 4
         assert json.loads((tmp_path / summary["config"]["output_dir"] / "summary.json").read_text()) == summary
     assert vanilla["config"]["policy"] == {"name": "none"} and all(r["kept"] == [] for r in v_records)
-    assert pruned["config"]["policy"] == {"name": "himap", "k1": 2, "r1": 18, "k2": 3, "r2": 4}
+    assert pruned["config"]["policy"] == {"name": "himap", "k1": 2, "r1": 0.5, "k2": 3, "r2": 0.125}
     assert all(r["kept"] == [18, 4] for r in h_records)
     assert vanilla["flops"]["image_work_kept"] == vanilla["flops"]["flops_kept"] == 1.0
     assert pruned["flops"]["image_work_kept"] == pytest.approx((2 * 36 + 1 * 18 + 1 * 4) / (4 * 36))
@@ -79,7 +81,7 @@ def test_resume_after_a_kill_skips_finished_and_has_no_duplicates(run, tmp_path)
     assert records[0]["output"] == "kept from the first run"                 # finished ids are not recomputed
     assert deterministic(records[1:]) == deterministic(full[1:])
     assert summary["n"] == LIMIT
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match=r"other settings \(policy: \{'name': 'none'\} -> \{'name': 'fastv'"):
         run("r", policy="fastv")                                             # never mixes two configs
 
 
@@ -143,7 +145,7 @@ def test_parse_answer_strict_and_lenient():
 
 
 def test_declared_layout_mismatch_warns_once(run, caplog):
-    with caplog.at_level(logging.WARNING, logger="himap.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="himap.experiments.eval"):
         run("layout", sys_length=35, img_length=576)
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 2 and "--sys-length 35" in warnings[0] and "(36)" in warnings[1]
@@ -210,7 +212,7 @@ def test_cli_rejects_a_non_llava_model(tmp_path, capsys):
     rc = main(["eval", "--model-path", str(tmp_path / "m"), "--question-file", str(tmp_path / "q.json"),
                "--image-folder", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "not a llava-hf" in err[0]
+    assert rc == 2 and len(err) == 1 and "himap supports these VLM families" in err[0]
 
 
 def test_apply_is_removed_after_a_run(run, demo_model):

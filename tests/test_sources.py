@@ -165,12 +165,19 @@ def test_bad_sources_give_one_line_errors(tmp_path, capsys):
     assert "no column hint" in error("--source", str(lone), "--pid-splits", str(mirror / "pid_splits.json"))
     problems = json.loads((official / "problems.json").read_text())
     (official / "problems.json").write_text(json.dumps({**problems, "3": {"question": "q"}}))
-    assert "no problem 3 with question, choices and answer" in error("--source", str(official))
+    assert "3: choices must be a list of texts, got None" in error("--source", str(official))
+    bad = {**problems, "3": {**problems["3"], "choices": "red,blue"}, "40": {**problems["40"], "question": None}}
+    (official / "problems.json").write_text(json.dumps(bad))
+    message = error("--source", str(official))        # every bad record is named, nothing is written
+    assert "2 source record(s) with invalid fields" in message and "3: choices must be a list of texts, got " \
+        "'red,blue'" in message and "40: question is None" in message
     (official / "problems.json").write_text(json.dumps(problems))
     (official / "images" / "test" / "40" / "image.png").unlink()
     assert "missing image of problem 40" in error("--source", str(official))
     with pytest.raises(ValueError, match="answer 3 is not an index"):
-        Problem("1", "q", ("a", "b"), 3)
+        Problem.from_fields("1", {"question": "q", "choices": ["a", "b"], "answer": 3}, None)
+    with pytest.raises(ValueError, match="answer True is not an index"):
+        Problem.from_fields("1", {"question": "q", "choices": ["a", "b"], "answer": True}, None)
 
 
 def parse_record(record: dict) -> Problem:

@@ -89,7 +89,11 @@ def _check_folder(folder: Path) -> None:
     if is_original_llava(data):  # it also says model_type "llava", and would load as a default config
         raise UserError(f"{folder} is an original-format LLaVA checkpoint (LlavaLlamaForCausalLM): convert it "
                         "with 'himap convert --llava-path ... --vision-path ... --out ...'")
-    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES):
+
+
+def _check_weights(path: str) -> None:
+    folder = Path(path)
+    if folder.is_dir() and not any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES):
         raise UserError(f"{folder} holds no weights (no *.safetensors or *.bin file)")
 
 
@@ -137,24 +141,22 @@ def load_model(path: str, *, device: str = "auto", dtype: str = "auto", attn_imp
 
     ``device_map="auto"`` shards the model over the visible GPUs with accelerate (``device`` is then ignored).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForImageTextToText
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     path = locate_model(str(path))
     read_config(path)
+    _check_weights(path)
     processor = load_processor(path)
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, device_map=device_map,
                                                             attn_implementation=attn_implementation)
     except OSError as err:                           # missing shard, unreadable file, hub failure
         raise UserError(f"cannot load the weights of {path}: {_first_line(err)}") from None
-    except Exception as err:
-        from safetensors import SafetensorError
-
-        if isinstance(err, SafetensorError) or "safetensors" in type(err).__module__:
-            raise UserError(f"the weights of {path} are damaged or truncated: {_first_line(err)}") from None
-        raise
+    except SafetensorError as err:
+        raise UserError(f"the weights of {path} are damaged or truncated: {_first_line(err)}") from None
     if device_map is None:
         model.to(device)
     return model.eval(), processor

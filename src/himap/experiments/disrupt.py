@@ -51,7 +51,10 @@ class DisruptConfig:
         if not self.flows:
             raise UserError("give at least one flow")
         for flow in self.flows:
-            parse_flow(flow)
+            try:
+                parse_flow(flow)
+            except ValueError as err:   # the analysis library's check of a flow name the user typed
+                raise UserError(str(err)) from None
         if self.window is not None and self.window < 1:
             raise UserError(f"window must be >= 1 layer, got {self.window}")
         if self.max_new_tokens < 1:
