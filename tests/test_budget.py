@@ -119,3 +119,5 @@ def test_budget_command_prints_eval_flags_and_defaults_to_the_paper_setting(caps
     assert capsys.readouterr().out.split() == "--policy fastv --k 2 --r 115".split()
     assert main(["budget", "--model-path", "llava-1.5-7b", "--tokens", "5"]) == 2
     assert "cannot reach" in capsys.readouterr().err
+    assert main(["budget", "--model-path", "llava-1.5-7b", "--eval-flags", "pdrop"]) == 2
+    assert "no budget rule for method 'pdrop'" in capsys.readouterr().err

@@ -9,8 +9,6 @@ DEFAULT_TEXT_TOKENS = 95
 
 
 def register(sub) -> None:
-    from ..budget import METHODS
-
     p = sub.add_parser("budget", help="each method's settings at a matched budget",
                        description="Solves HiMAP's R1 (K1, K2 and R2 = R1/4 as in the paper) and FastV's / random's "
                                    "R (at K = 2) so that every method keeps the same average number of image tokens "
@@ -21,11 +19,11 @@ def register(sub) -> None:
     target.add_argument("--tokens", type=float, help="average image tokens per decoder layer (default: what the "
                                                      "paper's HiMAP setting, scaled to the model, keeps)")
     target.add_argument("--flops", type=float, help="whole-sequence prefill FLOPs kept, a ratio in (0, 1]")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", help="himap, fastv, random (default: all)")
     p.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS,
                    help=f"non-image tokens of the prompt, for the FLOPs ratio (default {DEFAULT_TEXT_TOKENS}: "
                         "LLaVA-1.5's 35 system tokens and a 60-token question)")
-    p.add_argument("--eval-flags", choices=METHODS, metavar="METHOD",
+    p.add_argument("--eval-flags", metavar="METHOD",
                    help="print only the 'himap eval' flags of METHOD's solved settings (for scripts)")
     p.set_defaults(run=run)
 
@@ -54,7 +52,7 @@ def eval_flags(policy) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..budget import average_tokens, match
+    from ..budget import METHODS, average_tokens, match
     from ..policies import from_params
 
     text, n_img = _shape(args.model_path)
@@ -62,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     target = {"flops": args.flops} if args.flops is not None else {
         "tokens": args.tokens if args.tokens is not None else
         average_tokens(from_params("himap", n_layers=n_layers, n_img=n_img), n_layers, n_img)}
-    methods = [args.eval_flags] if args.eval_flags else args.methods
+    methods = [args.eval_flags] if args.eval_flags else args.methods or list(METHODS)
     solved = match(methods, n_layers=n_layers, n_img=n_img, text_config=text, n_text=args.text_tokens, **target)
     if args.eval_flags:
         print(" ".join(eval_flags(solved[args.eval_flags].policy)))
