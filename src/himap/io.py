@@ -52,28 +52,33 @@ def make_dir(path: str | Path, what: str = "output folder") -> Path:
     return path
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` atomically (temp file in the same folder + rename): a killed run never leaves a torn file.
-    Nothing is written when the file already holds exactly ``text``, so re-displaying a finished run works in a
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` atomically (temp file in the same folder + rename): a killed run never leaves a torn file.
+    Nothing is written when the file already holds exactly ``data``, so re-displaying a finished run works in a
     read-only folder."""
     path = Path(path)
     try:
-        if path.is_file() and path.read_text(encoding="utf-8") == text:
+        if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
             return path
-    except (OSError, UnicodeDecodeError):
+    except OSError:
         pass
     make_dir(path.parent)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except OSError as err:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise _cannot("write", path, err) from None
     return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """``text`` as UTF-8, atomically and only if it changed; see :func:`write_bytes`."""
+    return write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | Path, obj, indent: int = 2) -> Path:

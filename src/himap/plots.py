@@ -11,6 +11,7 @@ Figures are drawn on a bare Agg canvas (no pyplot state, no display needed).
 
 from __future__ import annotations
 
+import io
 import textwrap
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .errors import UserError
-from .io import make_dir, read_json
+from .io import make_dir, read_json, write_bytes
 
 GROUP_LABELS = ("System prompt", "Image tokens", "User instruction")
 GROUP_COLORS = ("#C6210D", "#007FBC", "#3F7430")
@@ -46,10 +47,10 @@ def read_summary(path: str | Path) -> dict:
 
 
 def _save(fig: Figure, path: Path) -> None:
-    try:
-        fig.savefig(path)
-    except OSError as err:
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+    """PNG bytes are deterministic, so a figure that did not change is not rewritten (read-only folders)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    write_bytes(path, buf.getvalue())
 
 
 def minmax(data: np.ndarray) -> np.ndarray:
