@@ -20,11 +20,11 @@ N_SLICE = 40
 @pytest.fixture(scope="module")
 def organism(tmp_path_factory):
     """The shipped organism (float32, 1 thread) and a 40-question held-out slice (the demo's questions)."""
-    from himap.loading import load_llava
+    from himap.loading import load_model
 
     torch.set_num_threads(1)
     demo = ensure_demo(tmp_path_factory.mktemp("organism-cache"))
-    model, processor = load_llava(str(ORGANISM_DIR), device="cpu", dtype="float32")
+    model, processor = load_model(str(ORGANISM_DIR), device="cpu", dtype="float32")
     questions = load_questions(demo.question_file)[:N_SLICE]
     return model, processor, questions, demo
 
@@ -80,7 +80,7 @@ TINY = dict(layers=2, hidden=32, heads=2, vision_hidden=32, vision_layers=2, ima
 
 def test_training_lowers_the_answer_loss_and_is_reproducible(tmp_path):
     from himap.data.synthetic import generate
-    from himap.loading import load_llava
+    from himap.loading import load_model
 
     config = OrganismConfig(**TINY)
     model, processor, report = train_organism(config, progress=False)
@@ -93,7 +93,7 @@ def test_training_lowers_the_answer_loss_and_is_reproducible(tmp_path):
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     out = save_organism(model, processor, tmp_path / "ckpt", config, report)
-    loaded, _ = load_llava(str(out), device="cpu", dtype="float32")
+    loaded, _ = load_model(str(out), device="cpu", dtype="float32")
     with torch.no_grad():
         assert torch.equal(answer_loss(loaded, probe), answer_loss(model, probe))
     assert (Path(out) / "training.json").is_file()

@@ -315,40 +315,53 @@ def save_organism(model, processor, out_dir: str | Path, config: OrganismConfig,
     return out_dir
 
 
-# -- acceptance: the project's own eval, vanilla / pruned / image flow blocked --------------------------------
+# -- acceptance: the project's own eval, vanilla / pruned at one matched budget / image flow blocked ----------
 def organism_report(model_dir: str | Path, out_dir: str | Path, *, n_questions: int = 300, seed: int = 0,
-                    batch_size: int = 20, progress: bool = True) -> dict:
-    """Evaluate ``model_dir`` with :func:`himap.evaluation.evaluate` on ``n_questions`` held-out synthetic
-    questions (``split="test"``, the tasks it was trained on): vanilla, the default HiMAP / FastV / random
-    policies, and vanilla with img2txt blocked in every layer. Returns ``{run: summary}`` plus ``"chance"``
-    (mean 1 / number of options) and writes ``report.json`` into ``out_dir``."""
+                    batch_size: int = 20, tokens: float | None = None, progress: bool = True) -> dict:
+    """Evaluate ``model_dir`` with :func:`himap.experiments.eval.evaluate` on ``n_questions`` held-out synthetic
+    questions (``split="test"``, the tasks it was trained on): vanilla; HiMAP, FastV and random at one matched
+    budget (``tokens`` image tokens per layer on average, :mod:`himap.budget`; default: what the paper's HiMAP
+    setting keeps on this model); vanilla with img2txt blocked in every layer. Returns ``{run: summary}`` plus
+    ``"chance"`` (mean 1 / number of options) and ``"avg_tokens"`` ({run: average image tokens per layer}), and
+    writes ``report.json`` into ``out_dir``."""
     import json
     from dataclasses import replace
 
     from .analysis.knockout import knockout
+    from .budget import METHODS, average_tokens, match
     from .data.demo import _organism_shape
     from .data.synthetic import write_questions
-    from .evaluation import EvalConfig, evaluate, read_questions
-    from .loading import load_llava
-    from .results import option_letters
+    from .experiments.eval import EvalConfig, evaluate
+    from .experiments.results import option_letters
+    from .experiments.source import read_questions
+    from .loading import load_model
+    from .policies import from_params, to_params
 
     out_dir = Path(out_dir)
     info = json.loads((Path(model_dir) / "training.json").read_text()) if (Path(model_dir) / "training.json"
                                                                             ).is_file() else {}
     trained = info.get("config") or _organism_shape()
-    model, processor = load_llava(str(model_dir), device="cpu", dtype="float32")
-    size = model.config.vision_config.image_size
+    model, processor = load_model(str(model_dir), device="cpu", dtype="float32")
+    size, n_layers = model.config.vision_config.image_size, model.config.text_config.num_hidden_layers
+    n_img = (size // model.config.vision_config.patch_size) ** 2
     qfile = write_questions(out_dir / "heldout", n_questions, split="test", seed=seed, image_size=size,
                             tasks=tuple(trained["tasks"]), fixed_options=bool(trained.get("fixed_options")))
     base = EvalConfig(model_path=str(model_dir), question_file=str(qfile), image_folder=str(out_dir / "heldout" /
                       "images"), batch_size=batch_size, max_new_tokens=4, progress=progress)
-    runs = {name: evaluate(replace(base, policy=name, output_dir=str(out_dir / name)), model, processor)
-            for name in ("none", "himap", "fastv", "random")}
-    n_layers = model.config.text_config.num_hidden_layers
+    if tokens is None:
+        tokens = average_tokens(from_params("himap", n_layers=n_layers, n_img=n_img), n_layers, n_img)
+    solved = match(METHODS, n_layers=n_layers, n_img=n_img, tokens=tokens)
+    runs = {"none": evaluate(replace(base, output_dir=str(out_dir / "none")), model, processor)}
+    for name, m in solved.items():
+        params = {k: v for k, v in to_params(m.policy).items() if k != "name"}
+        runs[name] = evaluate(replace(base, policy=name, output_dir=str(out_dir / name), **params), model,
+                              processor)
     with knockout(model, "img2txt", layers=range(n_layers)):
         runs["img2txt_blocked"] = evaluate(replace(base, output_dir=str(out_dir / "img2txt_blocked")), model,
                                            processor)
     questions = read_questions(qfile)
     runs["chance"] = sum(1 / len(option_letters(q.text)) for q in questions) / len(questions)
+    runs["avg_tokens"] = {"none": float(n_img), **{k: m.avg_tokens for k, m in solved.items()},
+                          "img2txt_blocked": float(n_img)}
     (out_dir / "report.json").write_text(json.dumps(runs, indent=2) + "\n", encoding="utf-8")
     return runs

@@ -40,12 +40,15 @@ def register(sub) -> None:
 
     r = sub.add_parser("organism-report", help="accuracy of an organism checkpoint: vanilla, pruned, img2txt blocked",
                        description="Evaluates a checkpoint (default: the shipped organism) on held-out synthetic "
-                                   "questions with himap's eval: vanilla, the default HiMAP / FastV / random "
-                                   "policies, and vanilla with image->text attention blocked in every layer.")
+                                   "questions with himap's eval: vanilla, HiMAP / FastV / random at one matched "
+                                   "budget (himap budget), and vanilla with image->text attention blocked in "
+                                   "every layer.")
     r.add_argument("--model-path", help="default: the shipped organism")
     r.add_argument("--output-dir", default="output/organism", help="default: output/organism")
     r.add_argument("--n-questions", type=int, default=300)
     r.add_argument("--batch-size", type=int, default=20)
+    r.add_argument("--tokens", type=float, help="the matched budget: average image tokens per decoder layer of the "
+                                               "pruned runs (default: what the paper's HiMAP setting keeps)")
     r.add_argument("--no-progress", dest="progress", action="store_false")
     r.set_defaults(run=run_report)
 
@@ -71,11 +74,14 @@ def run_report(args: argparse.Namespace) -> int:
     from ..organism import organism_report
 
     runs = organism_report(args.model_path or ORGANISM_DIR, args.output_dir, n_questions=args.n_questions,
-                           batch_size=args.batch_size, progress=args.progress)
-    chance = runs.pop("chance")
-    print(f"{'run':<16} {'strict':>7} {'lenient':>8} {'img tokens kept':>16}")
+                           batch_size=args.batch_size, tokens=args.tokens, progress=args.progress)
+    chance, avg = runs.pop("chance"), runs.pop("avg_tokens")
+    print(f"{'run':<16} {'policy':<34} {'strict':>7} {'lenient':>8} {'avg img tokens/layer':>21} {'FLOPs kept':>10}")
     for name, s in runs.items():
-        print(f"{name:<16} {s['accuracy']['strict']:>7.1%} {s['accuracy']['lenient']:>8.1%} "
-              f"{str(s['image_tokens']['kept'] or s['image_tokens']['n_img']):>16}")
+        policy = dict(s["config"]["policy"])
+        settings = " ".join(f"{k}={v}" for k, v in policy.items() if k != "name") or "-"
+        flops = (s.get("flops") or {}).get("flops_kept")
+        print(f"{name:<16} {settings:<34} {s['accuracy']['strict']:>7.1%} {s['accuracy']['lenient']:>8.1%} "
+              f"{avg[name]:>21.2f} {'-' if flops is None else f'{flops:.1%}':>10}")
     print(f"chance {chance:.1%} over {runs['none']['n']} held-out questions; files in {args.output_dir}")
     return 0
