@@ -296,3 +296,22 @@ def test_commands_that_load_no_model_import_no_torch(demo, tmp_path):
                           env={**os.environ, "MPLBACKEND": "Agg"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "HEAVY []" in proc.stdout, proc.stdout[-500:]
+
+
+def test_every_flag_of_the_question_file_commands_has_help():
+    import argparse
+
+    from himap.cli import build_parser
+
+    def flags(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, p in action.choices.items():
+                    yield from flags(p, f"{name} {sub}")
+            elif action.dest != "help":
+                yield name, action
+
+    mine = ("eval", "merge", "table", "demo", "saliency", "disrupt", "plot", "data", "convert")
+    missing = [(name, a.option_strings or a.dest) for name, a in flags(build_parser(), "himap")
+               if name.split()[1] in mine and not a.help]
+    assert missing == []

@@ -44,6 +44,10 @@ def add_output_args(p: argparse.ArgumentParser, default_dir: str, summary: str) 
                                          f"<output-dir>/{summary}); the run's other files go beside it")
     p.add_argument("--fresh", action="store_true",
                    help="start the run over, deleting its earlier records (needed when settings changed)")
+    add_progress_arg(p)
+
+
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="progress bar (--no-progress: none)")
 

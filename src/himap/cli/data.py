@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..data.scienceqa import read_question_file
+from ..experiments.source import Source
+from .common import add_config_args, add_progress_arg, config_from_args
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("data", help="prepare question files (scienceqa, vc)")
@@ -22,24 +26,18 @@ def register(subparsers) -> None:
     s.add_argument("--pid-splits", help="pid_splits.json (default: found beside --source)")
     s.add_argument("--name", help="question file name (default himap-inference-MCQ.json for --split test "
                                   "--only-image, else himap-<split>[-image]-MCQ.json)")
-    s.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_arg(s)
     s.set_defaults(run=run_scienceqa)
 
     v = sub.add_parser("vc", help="the vanilla-correct subset of a question file, with top5_res",
                        description="Run the unpruned model on every question and write the records it answers "
                                    "correctly, each with top5_res = its first generated step's top-5 token ids "
                                    "(the input of the attention-disruption experiment).")
-    v.add_argument("--model-path", required=True, help="llava-hf checkpoint folder or hub id")
-    v.add_argument("--question-file", required=True)
-    v.add_argument("--image-folder", required=True, help="folder holding <id>/image.png")
+    add_config_args(v, Source, skip=("limit", "num_chunks", "chunk_idx"))
     v.add_argument("--out", required=True, help="output question file, e.g. himap-inference-MCQ-VC-13B.json")
-    v.add_argument("--conv-mode", default="vicuna_v1", help="vicuna_v1, or chat_template (the checkpoint's)")
-    v.add_argument("--batch-size", type=int, default=1)
-    v.add_argument("--max-new-tokens", type=int, default=16)
-    v.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16")
-    v.add_argument("--device", default="auto")
-    v.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager"))
-    v.add_argument("--no-progress", dest="progress", action="store_false")
+    v.add_argument("--batch-size", type=int, default=1, help="questions per generate call (left-padded)")
+    v.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (a letter needs 1-2)")
+    add_progress_arg(v)
     v.set_defaults(run=run_vc)
 
 
@@ -58,16 +56,20 @@ def run_scienceqa(args: argparse.Namespace) -> int:
 
 
 def run_vc(args: argparse.Namespace) -> int:
-    from ..data.scienceqa import read_question_file
-    from ..evaluation import write_vanilla_correct
-    from ..loading import load_llava
+    from ..errors import UserError
+    from ..experiments.eval import write_vanilla_correct
+    from ..loading import load_model
 
-    total = len(read_question_file(args.question_file))   # fail on a bad file before loading the model
-    model, processor = load_llava(args.model_path, device=args.device, dtype=args.dtype,
-                                  attn_implementation=args.attn_implementation)
-    out = write_vanilla_correct(model, processor, args.question_file, args.image_folder, args.out,
-                                batch_size=args.batch_size, conv_mode=args.conv_mode,
-                                max_new_tokens=args.max_new_tokens, progress=args.progress)
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise UserError("--batch-size and --max-new-tokens must be >= 1")
+    source = config_from_args(Source, args).resolved()
+    total = len(source.questions())         # a bad question file fails before the model loads
+    model, processor = load_model(source.model_path, device=source.device, dtype=source.dtype,
+                                  attn_implementation=source.attn_implementation)
+    out = write_vanilla_correct(model, processor, source.question_file, source.image_folder, args.out,
+                                batch_size=args.batch_size, conv_mode=source.conv_mode,
+                                single_pred_prompt=source.single_pred_prompt, max_new_tokens=args.max_new_tokens,
+                                progress=args.progress)
     kept = len(read_question_file(out))
     print(f"{kept} of {total} questions answered correctly by the unpruned model: {out}")
     return 0
