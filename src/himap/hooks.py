@@ -107,6 +107,13 @@ def _cut(mask: torch.Tensor | None, block: torch.Tensor, query: torch.Tensor, ke
     return mask.masked_fill(block, torch.finfo(mask.dtype).min)
 
 
+def _no_key(mask: torch.Tensor) -> torch.Tensor:
+    """(B|1, 1, Q): rows of a bool or additive (B|1, 1, Q, K) mask that allow no key."""
+    if mask.dtype == torch.bool:
+        return ~mask.any(-1)
+    return (mask == torch.finfo(mask.dtype).min).all(-1)
+
+
 def _eager_with_pattern(module, query, key, value, mask, hooks, **kwargs):
     probs = attention_probs(module, query, key, mask)
     for hook in hooks:
@@ -127,6 +134,7 @@ def hooked_attention(module, query, key, value, attention_mask, **kwargs):
     hooks = _HOOKS.get(module, ())
     for hook in hooks:
         hook.qk(module, query, key, attention_mask)
+    stock_mask = attention_mask
     for hook in hooks:
         block = hook.block(module, query, key)
         if block is not None:
@@ -134,7 +142,16 @@ def hooked_attention(module, query, key, value, attention_mask, **kwargs):
     if any(hook.needs_pattern for hook in hooks):
         return _eager_with_pattern(module, query, key, value, attention_mask, hooks, **kwargs)
     fn = _module_eager(module) if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
-    return fn(module, query, key, value, attention_mask, **kwargs)
+    out, probs = fn(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not stock_mask:
+        # A query the cut leaves without any readable key (a sliding window holding only cut keys) reads nothing:
+        # its attention output and probabilities are 0, instead of a softmax over cut keys (uniform, or NaN).
+        empty = _no_key(attention_mask)
+        if stock_mask is not None:
+            empty &= ~_no_key(stock_mask)                                               # (B, 1, Q)
+        out = out.masked_fill(empty[:, 0, :, None, None], 0.0)                          # out: (B, Q, H, D)
+        probs = None if probs is None else probs.masked_fill(empty[..., None], 0.0)
+    return out, probs
 
 
 def _register(inner: str) -> str:

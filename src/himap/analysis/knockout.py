@@ -26,6 +26,7 @@ from torch import nn
 
 from .. import hooks
 from ..engine import is_pruned
+from ..errors import UserError
 from ..models import decoder_layers, visual_token_ids
 from ..spans import GROUPS, PAD, SYS, group_codes, on_model_inputs
 from .groups import require_images
@@ -71,6 +72,7 @@ class Knockout(hooks.AttentionHook):
         self.visual_ids = visual_token_ids(model)
         self.rows: list[torch.Tensor] = []
         self._src_cols = self._dst_rows = None     # (B, T) bool over the prompt positions
+        self._total = 0
         self._memo: dict[tuple[int, int], torch.Tensor] = {}
         self._handles = [on_model_inputs(model, self._on_inputs),
                          hooks.attach(all_layers, {i: [self] for i in self.layers})]
@@ -89,6 +91,7 @@ class Knockout(hooks.AttentionHook):
     def _on_inputs(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                    prefill: bool) -> None:
         if not prefill:
+            self._total += input_ids.shape[1]
             return
         codes = group_codes(input_ids, self.visual_ids, attention_mask)
         require_images(codes)
@@ -99,23 +102,25 @@ class Knockout(hooks.AttentionHook):
             dst = codes == GROUPS.index(self.dst)
         _check_rows_keep_a_key(self.flow, codes, src, dst)
         self._src_cols, self._dst_rows, self._memo = src, dst, {}
+        self._total = codes.shape[1]             # positions seen so far: the prompt, then each decoded token
         self.rows = [d.nonzero().squeeze(1).cpu() for d in dst]
 
     def block(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
-        """(B, 1, Q, K) edges to cut; queries are the last Q of the K positions."""
-        q_len, k_len = query.shape[2], key.shape[2]
-        cached = self._memo.get((q_len, k_len))
+        """(B, 1, Q, K) edges to cut. The queries are the last Q of the positions seen so far, the keys the last K
+        (all of them, or a sliding-window cache's last ones)."""
+        q_len, k_len, total = query.shape[2], key.shape[2], self._total
+        cached = self._memo.get((q_len, k_len, total))
         if cached is not None:
             return cached
         src, dst = self._src_cols, self._dst_rows
-        if src is None or k_len < src.shape[1] or query.shape[0] != src.shape[0]:
-            raise ValueError("knockout saw attention that does not match the captured prompt; call the model "
-                             "with input_ids (and do not combine knockout with pruning)")
-        extra = k_len - src.shape[1]      # decoded tokens: text rows and columns
-        cols = torch.cat([src, src.new_full((src.shape[0], extra), self.src == "txt")], 1)
-        rows = torch.cat([dst, dst.new_full((dst.shape[0], extra), self.dst == "txt")], 1)[:, k_len - q_len:]
+        if src is None or k_len > total or query.shape[0] != src.shape[0]:
+            raise UserError("knockout saw attention that does not match the captured prompt; call the model "
+                            "with input_ids (and do not combine knockout with pruning)")
+        extra = total - src.shape[1]      # decoded tokens: text rows and columns
+        cols = torch.cat([src, src.new_full((src.shape[0], extra), self.src == "txt")], 1)[:, total - k_len:]
+        rows = torch.cat([dst, dst.new_full((dst.shape[0], extra), self.dst == "txt")], 1)[:, total - q_len:]
         block = (rows[:, :, None] & cols[:, None, :])[:, None].to(query.device)
-        self._memo[(q_len, k_len)] = block
+        self._memo[(q_len, k_len, total)] = block
         return block
 
 
