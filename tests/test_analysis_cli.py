@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 import himap
-from himap.experiments.disrupt import DisruptConfig, format_table, jaccard
-from himap.experiments.items import answer_token_id
 from himap.cli import main
 from himap.data.scienceqa import build_prompt, load_questions
-from himap.loading import encode, load_llava, open_image
+from himap.experiments.disrupt import DisruptConfig, format_table, jaccard
+from himap.experiments.items import answer_token_id
 from himap.io import read_jsonl
+from himap.loading import encode, load_llava, open_image
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_GGUF = ROOT.parent / "shared" / "data" / "tokenizers" / "llama-spm.gguf"

@@ -269,8 +269,7 @@ def test_real_llava_tokenizer_layout_matches_the_original_flags():
     from PIL import Image
     from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
 
-    from himap.data.scienceqa import Question
-    from himap.data.scienceqa import make_prompt
+    from himap.data.scienceqa import Question, make_prompt
     from himap.spans import find_spans
 
     tok = AutoTokenizer.from_pretrained(folder, gguf_file="llama-spm.gguf")

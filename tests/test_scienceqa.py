@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from himap.data.scienceqa import (CONV_TEMPLATES, Question, build_prompt, load_questions, read_question_file)
+from himap.data.scienceqa import CONV_TEMPLATES, Question, build_prompt, load_questions, read_question_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "scienceqa"
 GGUF = SHARED.parent / "tokenizers" / "llama-spm.gguf"

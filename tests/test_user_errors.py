@@ -289,9 +289,9 @@ def test_commands_that_load_no_model_import_no_torch(demo, tmp_path):
                                                          "score_consistency": [1.0], "n": [1]}}}))
     commands = [["eval", "--help"], ["saliency", "--help"], ["merge", "--help"], ["table", str(tmp_path)],
                 ["plot", str(summary)], ["flops", "--help"]]
-    code = ("import sys\nfrom himap.cli import main\nfor argv in {commands}:\n    try:\n        main(argv)\n"
+    code = (f"import sys\nfrom himap.cli import main\nfor argv in {commands}:\n    try:\n        main(argv)\n"
             "    except SystemExit:\n        pass\nheavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
-            "print('HEAVY', heavy)").format(commands=commands)
+            "print('HEAVY', heavy)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "MPLBACKEND": "Agg"})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -24,8 +24,8 @@ GROUPS = tuple(dict.fromkeys(COMMANDS.values()))
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with every command, or only ``command``'s group when it is a known command."""
-    parser = argparse.ArgumentParser(prog="himap", description="See and cut the visual information flow inside multimodal "
-                                               "LLMs (LLaVA-style and other supported families).")
+    parser = argparse.ArgumentParser(prog="himap", description="See and cut the visual information flow inside "
+                                                               "multimodal LLMs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups = (COMMANDS[command],) if command in COMMANDS else GROUPS
     for name in groups:

@@ -87,12 +87,14 @@ def run_saliency(args: argparse.Namespace) -> int:
         print(f"{i:>5} {a[0]:>10.3g} {a[1]:>10.3g} {a[2]:>10.3g} {b[0]:>10.3g} {b[1]:>10.3g}")
     print("wrote", summary_path, *figures)
     n = summary["n_questions"] + summary["n_errors"]
-    return report_errors("saliency", summary["n_errors"], n, summary["first_error"], str(Path(out) / summary["files"]["per_question"]))
+    return report_errors("saliency", summary["n_errors"], n, summary["first_error"],
+                         str(Path(out) / summary["files"]["per_question"]))
 
 
 def run_disrupt(args: argparse.Namespace) -> int:
     from ..errors import UserError
-    from ..experiments.disrupt import DisruptConfig, format_table, run_disrupt as run
+    from ..experiments.disrupt import DisruptConfig, format_table
+    from ..experiments.disrupt import run_disrupt as run
     from ..plots import plot_disruption
 
     if args.isolate_layer is not None and args.layers is not None:

@@ -45,7 +45,7 @@ class Question:
     top5: tuple[int, ...] | None = None
 
     @classmethod
-    def from_record(cls, record: object) -> "Question":
+    def from_record(cls, record: object) -> Question:
         """Parse one record; a malformed record raises ``UserError`` naming what is wrong."""
         if not isinstance(record, dict):
             raise UserError(f"record is a {type(record).__name__}, not an object")

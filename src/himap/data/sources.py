@@ -45,7 +45,7 @@ class Problem:
     image: bytes | Path | None = None
 
     @classmethod
-    def from_fields(cls, pid: str, raw: dict, image: bytes | Path | None) -> "Problem":
+    def from_fields(cls, pid: str, raw: dict, image: bytes | Path | None) -> Problem:
         """A problem from a source record's fields, each checked: one ``UserError`` naming what is wrong."""
         question, choices, answer, hint = (raw.get(k) for k in ("question", "choices", "answer", "hint"))
         if not isinstance(question, str) or not question.strip():
@@ -175,7 +175,8 @@ def _parquet_rows(readers: list, pids: list[str]) -> Iterator[tuple]:
 
 
 def default_name(split: str, only_image: bool) -> str:
-    """``himap-inference-MCQ.json`` for the paper's file (test, image questions), else ``himap-<split>[-image]-MCQ.json``."""
+    """``himap-inference-MCQ.json`` for the paper's file (test, image questions), else
+    ``himap-<split>[-image]-MCQ.json``."""
     if split == "test" and only_image:
         return "himap-inference-MCQ.json"
     return f"himap-{split}{'-image' if only_image else ''}-MCQ.json"
@@ -231,5 +232,6 @@ def convert_scienceqa(source: str | Path, out: str | Path, *, split: str = "test
         problems = read_official(source, split, pid_splits)
     else:
         files = parquet_files(source, split)
-        problems = read_parquet(files, split, pid_splits or _find_pid_splits(source if source.is_dir() else source.parent))
+        folder = source if source.is_dir() else source.parent
+        problems = read_parquet(files, split, pid_splits or _find_pid_splits(folder))
     return write_questions(problems, out, split, only_image=only_image, name=name, progress=progress)

@@ -2,8 +2,9 @@
 policy, and one scored record per question (format: :mod:`himap.experiments.results`).
 
 A question whose image is missing or unreadable, or whose prompt leaves no room for the answer in the model's
-context, becomes an error record instead of being run. Latency per example is the batch's wall time divided by its size (device synchronised before each timer);
-``prefill_s`` ends when the first token's logits exist (vision tower + decoder prefill).
+context, becomes an error record instead of being run. Latency per example is the batch's wall time divided by
+its size (device synchronised before each timer); ``prefill_s`` ends when the first token's logits exist (vision
+tower + decoder prefill).
 """
 
 from __future__ import annotations

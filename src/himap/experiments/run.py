@@ -14,6 +14,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..io import make_dir, read_json, write_json
 
+
 def _show(key: str, value) -> str:
     return f"{value[:12]}..." if key.endswith("sha256") and isinstance(value, str) else repr(value)
 

@@ -76,7 +76,8 @@ def _save(run: Setup, form: str, records: list[dict], errors: tuple[int, str | N
         except OSError as err:
             raise UserError(f"cannot write {tensor_path}: {err.strerror or err}") from None
     summary = {"kind": "saliency", "form": form, "n_questions": len(records), "n_errors": errors[0],
-               "first_error": errors[1], "n_layers": int(sal.sample_block_sums.shape[1]), "groups": ["sys", "img", "txt"],
+               "first_error": errors[1], "n_layers": int(sal.sample_block_sums.shape[1]),
+               "groups": ["sys", "img", "txt"],
                "props4all": sal.props4all.tolist(), "props4img": sal.props4img.tolist(),
                "block_sums": sal.block_sums.tolist(), "config": _settings(run.source),
                "files": {"per_question": f"{stem}.jsonl", "tensors": f"{stem}.safetensors"}}

@@ -60,7 +60,7 @@ class Source:
         if self.model_path is not None and (self.question_file is None or self.image_folder is None):
             raise UserError("--question-file and --image-folder are required with --model-path")
 
-    def resolved(self, model_name: str | None = None) -> "Source":
+    def resolved(self, model_name: str | None = None) -> Source:
         """With the demo's paths filled in when no model is named (``model_name``: an already loaded model's)."""
         if self.model_path is None and model_name is not None:
             return dataclasses.replace(self, model_path=model_name)
