@@ -26,7 +26,8 @@ import transformers as tf
 from PIL import Image
 from torch import nn
 
-QK_SCALE = 10.0
+QK_SCALE = 8.0
+QK_NORM_SCALE = 1.5
 VOCAB_TRAINED = 300
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<image>", "<video>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
            "<|vision_end|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<start_of_image>",
@@ -263,7 +264,10 @@ def _gemma3_processor() -> tf.ProcessorMixin:
 
 
 def _gemma3_config() -> tf.PretrainedConfig:
-    kinds = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    # Scores are read in layers 0, 1 and 3 (full: a sliding window would leave most visual columns at exactly 0,
+    # ties that no ranking can define); pruned tokens then pass sliding layers 2, 4 and 5.
+    kinds = ["full_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention",
+             "sliding_attention"]
     text = tf.Gemma3TextConfig(**_text("gemma3_text", 6, head_dim=16, sliding_window=GEMMA_WINDOW, layer_types=kinds,
                                        query_pre_attn_scalar=16))
     return tf.Gemma3Config(text_config=text, vision_config=_siglip(32), mm_tokens_per_image=16,
@@ -291,22 +295,29 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
 
 
 def _sharpen(model: nn.Module) -> None:
-    """Scale the decoder's attention logits by ``QK_SCALE`` through the q/k weights (or their per-head norms)."""
+    """Peak the decoder's attention: q/k projections (weights and biases) times ``QK_SCALE``; where q and k are
+    normalised per head (the norm would undo that), the norms' gains times ``QK_NORM_SCALE`` instead."""
     for layer in model.model.language_model.layers:
         attn = layer.self_attn
         if hasattr(attn, "q_norm"):
             for norm in (attn.q_norm, attn.k_norm):
-                # Gemma's RMSNorm multiplies by (1 + weight), Qwen3's by weight.
-                if "Gemma" in type(norm).__name__:
-                    norm.weight.add_(1).mul_(QK_SCALE ** 0.5).sub_(1)
+                if "Gemma" in type(norm).__name__:        # Gemma's RMSNorm multiplies by (1 + weight)
+                    norm.weight.add_(1).mul_(QK_NORM_SCALE).sub_(1)
                 else:
-                    norm.weight.mul_(QK_SCALE ** 0.5)
-        else:
-            attn.q_proj.weight.mul_(QK_SCALE ** 0.5)
-            attn.k_proj.weight.mul_(QK_SCALE ** 0.5)
-            if attn.q_proj.bias is not None:
-                attn.q_proj.bias.mul_(QK_SCALE ** 0.5)
-                attn.k_proj.bias.mul_(QK_SCALE ** 0.5)
+                    norm.weight.mul_(QK_NORM_SCALE)
+            continue
+        for proj in (attn.q_proj, attn.k_proj):
+            proj.weight.mul_(QK_SCALE)
+            if proj.bias is not None:
+                proj.bias.mul_(QK_SCALE)
+
+
+def _randomise_zeros(model: nn.Module) -> None:
+    """Matrices the library initialises to zero (Gemma 3's image projection, InternVL's position embeddings) get
+    random values: zero image features would make every visual token identical and every ranking a tie."""
+    for param in model.parameters():
+        if param.dim() >= 2 and not param.any():
+            param.normal_(0.0, 0.02)
 
 
 @functools.cache
@@ -322,6 +333,7 @@ def model(name: str, attn: str = "sdpa") -> nn.Module:
     built = getattr(tf, family.model_class)._from_config(family.config(), attn_implementation="sdpa",
                                                        dtype=torch.float32)
     with torch.no_grad():
+        _randomise_zeros(built)
         _sharpen(built)
     return built.eval()
 
