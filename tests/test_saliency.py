@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import himap
 from conftest import left_pad_batch, make_inputs
+from himap.analysis import FORMS
 from himap.spans import find_spans
 
 LAYOUTS = [(5, 9), (11, 3)]   # (system tokens, text tokens): two prompt layouts
@@ -49,7 +50,7 @@ def assert_close(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
 
 
-@pytest.mark.parametrize("form", himap.analysis.FORMS)
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_equals_brute_force(make_model, form, layout):
     model, stock = make_model(), make_model(attn="eager")     # same seed: same weights, different attention

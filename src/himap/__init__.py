@@ -6,9 +6,10 @@ import torch or transformers.
 
 import importlib
 
-_EXPORTS = {"apply": "engine", "Pruner": "engine", "is_pruned": "engine", "HiMAP": "policies", "FastV": "policies",
-            "RandomPrune": "policies", "Stage": "policies", "saliency": "analysis", "Saliency": "analysis",
-            "knockout": "analysis", "Knockout": "analysis"}
+_EXPORTS = {"apply": "engine", "Pruner": "engine", "is_pruned": "engine", "active": "engine", "HiMAP": "policies",
+            "FastV": "policies", "RandomPrune": "policies", "Stage": "policies", "saliency": "analysis",
+            "Saliency": "analysis", "knockout": "analysis", "Knockout": "analysis",
+            "supported_families": "models"}
 
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"
