@@ -31,7 +31,7 @@ QK_NORM_SCALE = 1.5
 VOCAB_TRAINED = 300
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<image>", "<video>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
            "<|vision_end|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<start_of_image>",
-           "<end_of_image>", "<image_soft_token>", "<start_of_turn>", "<end_of_turn>"]
+           "<end_of_image>", "<image_soft_token>", "<start_of_turn>", "<end_of_turn>", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 CORPUS = ["A chat between a curious human and an artificial intelligence assistant.",
           "What colour is the shape in the image? Which image shows more circles than squares?",
           "Answer with the option's letter from the given choices directly. A. red B. blue C. green D. yellow",
@@ -275,6 +275,47 @@ def _gemma3_config() -> tf.PretrainedConfig:
                            image_token_index=_id("<image_soft_token>"))
 
 
+class PixtralLikeProcessor:
+    """What ``PixtralProcessor`` does, for Mistral 3 (its module imports torchvision, absent here): the stock PIL
+    image processor with patch size ``patch * merge``, and each ``[IMG]`` in the text expanded to one ``[IMG]`` per
+    merged patch, an ``[IMG_BREAK]`` after each row and ``[IMG_END]`` in place of the last break."""
+
+    def __init__(self, image_processor, tokenizer, patch: int, merge: int):
+        self.image_processor, self.tokenizer, self.step = image_processor, tokenizer, patch * merge
+
+    def apply_chat_template(self, messages: list, **kwargs) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+    def __call__(self, images: list[list[Image.Image]], text: list[str], **kwargs) -> dict:
+        pixels = self.image_processor(images, patch_size={"height": self.step, "width": self.step},
+                                      return_tensors="pt")
+        sizes = iter(pixels["image_sizes"].tolist())
+        expanded = []
+        for prompt in text:
+            parts = prompt.split("[IMG]")
+            for i in range(1, len(parts)):
+                height, width = next(sizes)
+                rows = (["[IMG]"] * (width // self.step) + ["[IMG_BREAK]"]) * (height // self.step)
+                parts[i] = "".join(rows[:-1] + ["[IMG_END]"]) + parts[i]
+            expanded.append("".join(parts))
+        return {**self.tokenizer(expanded, **kwargs), **pixels}
+
+
+def _mistral3_processor() -> PixtralLikeProcessor:
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    ip = PixtralImageProcessorPil(size={"longest_edge": 64})
+    template = _template("[IMG]", "{role}: ", "\n", "assistant: ", system=SYSTEM + "\n")
+    return PixtralLikeProcessor(ip, tokenizer({"image_token": "[IMG]"}, template), patch=4, merge=2)
+
+
+def _mistral3_config() -> tf.PretrainedConfig:
+    vision = tf.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    head_dim=16, image_size=64, patch_size=4)
+    return tf.Mistral3Config(vision_config=vision, text_config=tf.MistralConfig(**_text("mistral", 6)),
+                             image_token_index=_id("[IMG]"), spatial_merge_size=2, vision_feature_layer=-1)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("llava", "LlavaForConditionalGeneration", _llava_config, _llava_processor, sizes=((24, 24),) * 3),
     Family("llava_next", "LlavaNextForConditionalGeneration", _next_config, _next_processor,
@@ -291,6 +332,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            sizes=((24, 48), (48, 24), (24, 24))),
     Family("gemma3", "Gemma3ForConditionalGeneration", _gemma3_config, _gemma3_processor,
            decode_kwargs=("token_type_ids",), sizes=((32, 32),) * 3),
+    Family("mistral3", "Mistral3ForConditionalGeneration", _mistral3_config, _mistral3_processor,
+           sizes=((40, 56), (48, 32), (24, 32))),
 ]}
 
 
