@@ -116,10 +116,14 @@ class _FirstStep:
 
 def _check_image_tokens(model, batch: Batch) -> None:
     """A processor that expands ``<image>`` to another count than the checkpoint's fixed one is the wrong
-    processor; say so before the model fails deep inside."""
+    processor; say so before the model fails deep inside (families whose count varies per image are not checked)."""
+    from ..models import visual_token_ids
+
     expected = image_tokens_for(model.config)
-    found = (batch.inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
-    if expected is not None and any(q.image and n != expected for q, n in zip(batch.questions, found)):
+    if expected is None:
+        return
+    found = (batch.inputs["input_ids"] == visual_token_ids(model.config)[0]).sum(1).tolist()
+    if any(q.image and n != expected for q, n in zip(batch.questions, found)):
         raise UserError(f"the processor expands <image> to {found[0]} tokens but the model makes {expected} "
                         f"image features: processor and checkpoint do not match")
 
@@ -130,6 +134,7 @@ def generate_batch(model, processor, batch: Batch, *, pruner=None, max_new_token
     the per-sample image-token count derived from its ids."""
     from transformers import LogitsProcessorList
 
+    from ..models import visual_token_ids
     from ..spans import find_spans
 
     _check_image_tokens(model, batch)
@@ -146,7 +151,7 @@ def generate_batch(model, processor, batch: Batch, *, pruner=None, max_new_token
     _sync(device)
     total = time.perf_counter() - start
     texts = processor.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-    spans = find_spans(ids, model.config.image_token_id, batch.inputs.get("attention_mask"))
+    spans = find_spans(ids, visual_token_ids(model.config), batch.inputs.get("attention_mask"))
     kept = [int(k.shape[1]) for k in pruner.kept] if pruner is not None else []
     b = len(batch.questions)
     records = []
