@@ -5,10 +5,10 @@ processor produces for that image, and a vanilla run answers exactly as a plain 
 import json
 from pathlib import Path
 
-import families as fam
 import pytest
 import torch
 
+import families as fam
 from himap.cli import main
 from himap.data.scienceqa import Question, make_prompt
 from himap.experiments.eval import EvalConfig, evaluate
