@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv and installs himap with its dev extras (pytest, ruff, import-linter, ...). On a machine without a
-# CUDA GPU the CPU build of torch (2.13.0) is installed first; with a GPU, pip's default build.
+# CUDA GPU torch 2.13.0 is installed first (the version the CPU test suite runs on); with a GPU, the newest torch.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
