@@ -69,18 +69,26 @@ def _min_visual(name: str) -> int:
 
 
 def assert_equals_masked_reference(name: str, model, inputs: dict, policy) -> None:
-    """Pruned prefill and KV-cached decode logits == the masked reference recomputed at every step (1e-5)."""
+    """One sample: the pruned prefill's logits at every kept position and the KV-cached decode steps' logits ==
+    the masked reference recomputed at every step (1e-5). Every kept position, not just the last: in Gemma 3's
+    sliding layers the last token may not see the image at all, while kept tokens near it do."""
+    assert inputs["input_ids"].shape[0] == 1
     vis = visual(name, inputs)
     with himap.apply(model, policy) as handle:
+        with torch.no_grad():
+            prefill = model(**inputs).logits[0]                       # (kept positions, V)
         tokens, logits = generate(model, inputs)
         kept = handle.kept
     counts = [budget(s, int(vis.sum())) for s in ([policy.r1, policy.r2] if isinstance(policy, himap.HiMAP)
                                                   else [policy.r])]
     assert [len(k[0]) for k in kept_lists(kept)] == counts
     dropped = dropped_from_kept(vis, stage_layers(policy), kept_lists(kept))
+    alive = ~torch.stack(list(dropped.values())).any(0)[0]          # (T,) positions still present at the end
+    ref = masked_reference(model, inputs, dropped).logits[0]
+    torch.testing.assert_close(prefill, ref[alive], atol=1e-5, rtol=0)
     with torch.no_grad():
-        stock = model(**inputs).logits[:, -1]
-    assert not torch.allclose(logits[0], stock, atol=1e-3), "pruning changes nothing here: the check is void"
+        stock = model(**inputs).logits[0, alive]
+    assert not torch.allclose(prefill, stock, atol=1e-3), "pruning changes nothing here: the check is void"
     for step in range(STEPS):
         ref = masked_reference(model, families.extend(name, inputs, tokens[:, :step]), dropped).logits[:, -1]
         torch.testing.assert_close(logits[step], ref, atol=1e-5, rtol=0, msg=lambda m: f"step {step}: {m}")

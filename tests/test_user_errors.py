@@ -69,6 +69,14 @@ class World:
         return ["eval", "--model-path", self.model, "--question-file", self.questions, "--image-folder",
                 self.images, "--limit", "2", "--max-new-tokens", "2", "--no-progress", *args]
 
+    def official(self, **fields) -> str:
+        """A one-problem official ScienceQA source (no image), its fields overridden by ``fields``."""
+        problem = {"question": "Which is a bird?", "choices": ["owl", "ant"], "answer": 0, "hint": "",
+                   "image": None, "split": "test", **fields}
+        self.file("sqa/problems.json", json.dumps({"7": problem}))
+        self.file("sqa/pid_splits.json", json.dumps({"test": ["7"]}))
+        return self.path("sqa")
+
     def finished_chunks(self) -> tuple[str, str]:
         """The two chunk folders of a finished 2-chunk eval (made once per session)."""
         base = self.root.parent / "chunks"
@@ -76,6 +84,19 @@ class World:
             for i in (0, 1):
                 assert main(self.run("--output-dir", str(base), "--num-chunks", "2", "--chunk-idx", str(i))) == 0
         return str(base / "chunk-0-of-2"), str(base / "chunk-1-of-2")
+
+    def other_chunk(self) -> str:
+        """Chunk 1 of a 2-chunk eval with another policy."""
+        base = self.root / "other"
+        assert main(self.run("--output-dir", str(base), "--num-chunks", "2", "--chunk-idx", "1", "--use-hmap-v")) == 0
+        return str(base / "chunk-1-of-2")
+
+    def unfinished_chunk(self) -> str:
+        """A copy of chunk 1 whose run was killed before its summary."""
+        dest = self.root / "killed"
+        shutil.copytree(self.finished_chunks()[1], dest)
+        (dest / "summary.json").unlink()
+        return str(dest)
 
 
 def _truncated(w: World) -> str:
@@ -100,6 +121,9 @@ class Case:
     message: str
 
 
+DISRUPT = {"kind": "disrupt", "mode": "to_last", "window": None, "n_questions": 1,
+           "flows": {"img2txt": {"start": [0], "stop": [2], "label_consistency": [1.0], "score_consistency": [1.0],
+                                 "n": [1]}}}
 ORIGINAL = json.dumps({"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "mm_hidden_size": 1024,
                        "mm_vision_tower": "openai/clip-vit-large-patch14-336", "hidden_size": 64})
 
@@ -182,6 +206,12 @@ CASES = [
     Case("output folder under a file", lambda w: w.run("--output-dir", w.file("f", "x") + "/run"), 2,
          "cannot create output folder"),
     Case("--answers-file is a folder", lambda w: w.run("--answers-file", w.root.as_posix()), 2, "is a folder"),
+    Case("image folder missing", lambda w: w.run("--image-folder", w.path("no-images")), 2,
+         "image folder not found"),
+    Case("image folder is a file", lambda w: w.run("--image-folder", w.file("img", "x")), 2, "(a file)"),
+    Case("--limit not a number", lambda w: w.run("--limit", "ten"), 2, "invalid int value: 'ten'"),
+    Case("resume with another policy", lambda w: w.run("--output-dir", w.finished_chunks()[0], "--num-chunks",
+                                                       "1", "--use-hmap-v"), 2, "other settings (policy: "),
     # -- merge / table / plot -------------------------------------------------------------------------------
     Case("merge with a chunk missing", lambda w: ["merge", w.finished_chunks()[0], "--out", w.path("m")], 2,
          "missing chunk(s) 1"),
@@ -191,6 +221,12 @@ CASES = [
                                                   w.path("m")], 2, "chunk(s) 0 given twice"),
     Case("merge a folder that is no run", lambda w: ["merge", w.root.as_posix(), "--out", w.path("m")], 2,
          "is not a himap eval run"),
+    Case("merge chunks of different runs", lambda w: ["merge", w.finished_chunks()[0], w.other_chunk(), "--out",
+                                                      w.path("m")], 2, "was made with other settings"),
+    Case("merge an unfinished chunk", lambda w: ["merge", w.finished_chunks()[0], w.unfinished_chunk(), "--out",
+                                                 w.path("m")], 2, "is not finished (no summary.json)"),
+    Case("plot into a file", lambda w: ["plot", w.file("d.json", json.dumps(DISRUPT)), "--output-dir",
+                                        w.file("png", "x")], 2, "is a file, not a folder"),
     Case("table of nothing finished", lambda w: ["table", w.root.as_posix()], 2, "no finished run"),
     Case("plot a truncated file", lambda w: ["plot", w.file("s.json", '{"kind": "saliency", "form"')], 2,
          "is not valid JSON"),
@@ -212,6 +248,18 @@ CASES = [
     Case("disrupt --isolate-layer with --layers", lambda w: ["disrupt", "--isolate-layer", "1", "--layers", "0"],
          2, "not both"),
     Case("disrupt unknown flow", lambda w: ["disrupt", "--flows", "img2text"], 2, "unknown flow"),
+    Case("disrupt --isolate-window 0", lambda w: ["disrupt", "--isolate-window", "0"], 2, "window must be >= 1"),
+    Case("disrupt --max-new-tokens 0", lambda w: ["disrupt", "--max-new-tokens", "0"], 2, "max_new_tokens must be"),
+    Case("disrupt start layer beyond the model", lambda w: ["disrupt", "--model-path", w.model, "--question-file",
+                                                            w.questions, "--image-folder", w.images, "--output-dir",
+                                                            w.path("d"), "--isolate-layer", "99"], 2,
+         "start layer(s) [99] out of range: the model has 4 layers"),
+    Case("saliency output folder is a file", lambda w: ["saliency", "--model-path", w.model, "--question-file",
+                                                        w.questions, "--image-folder", w.images, "--output-dir",
+                                                        w.file("f", "x")], 2, "is a file, not a folder"),
+    Case("saliency missing question file", lambda w: ["saliency", "--model-path", w.model, "--question-file",
+                                                      w.path("q.json"), "--image-folder", w.images], 2,
+         "question file not found"),
     Case("disrupt missing model", lambda w: ["disrupt", "--model-path", w.path("nope"), "--question-file",
                                              w.questions, "--image-folder", w.images], 2, "model path not found"),
     Case("unknown flag: the command's usage", lambda w: ["disrupt", "--result-dir", "x"], 2,
@@ -219,6 +267,18 @@ CASES = [
     # -- data -----------------------------------------------------------------------------------------------
     Case("data scienceqa missing source", lambda w: ["data", "scienceqa", "--source", w.path("n"), "--out",
                                                      w.path("o")], 2, "ScienceQA source not found"),
+    Case("data scienceqa choices as one text", lambda w: ["data", "scienceqa", "--source", w.official(
+        choices="red,blue"), "--out", w.path("o")], 2, "7: choices must be a list of texts, got 'red,blue'"),
+    Case("data scienceqa null question", lambda w: ["data", "scienceqa", "--source", w.official(question=None),
+                                                    "--out", w.path("o")], 2, "7: question is None"),
+    Case("data scienceqa answer out of range", lambda w: ["data", "scienceqa", "--source", w.official(answer=2),
+                                                          "--out", w.path("o")], 2, "answer 2 is not an index"),
+    Case("data scienceqa --out is a file", lambda w: ["data", "scienceqa", "--source", w.official(), "--out",
+                                                      w.file("o", "x")], 2, "is a file, not a folder"),
+    Case("data vc --batch-size 0", lambda w: ["data", "vc", "--batch-size", "0", "--out", w.path("v.json")], 2,
+         "--batch-size and --max-new-tokens must be >= 1"),
+    Case("convert missing checkpoint", lambda w: ["convert", "--llava-path", w.path("n"), "--vision-path",
+                                                  w.path("v"), "--out", w.path("o")], 2, "not found"),
     Case("data vc missing model", lambda w: ["data", "vc", "--model-path", w.path("n"), "--question-file",
                                              w.questions, "--image-folder", w.images, "--out", w.path("vc.json")],
          2, "model path not found"),
@@ -284,9 +344,7 @@ def test_traceback_of_a_user_error_on_request(world, monkeypatch):
 def test_commands_that_load_no_model_import_no_torch(demo, tmp_path):
     """--help, table, plot, merge: nothing imports torch or transformers (they start at once)."""
     summary = tmp_path / "s.json"
-    summary.write_text(json.dumps({"kind": "disrupt", "mode": "to_last", "window": None, "n_questions": 1,
-                                   "flows": {"img2txt": {"start": [0], "stop": [2], "label_consistency": [1.0],
-                                                         "score_consistency": [1.0], "n": [1]}}}))
+    summary.write_text(json.dumps(DISRUPT))
     commands = [["eval", "--help"], ["saliency", "--help"], ["merge", "--help"], ["table", str(tmp_path)],
                 ["plot", str(summary)], ["flops", "--help"]]
     code = (f"import sys\nfrom himap.cli import main\nfor argv in {commands}:\n    try:\n        main(argv)\n"
@@ -315,3 +373,26 @@ def test_every_flag_of_the_question_file_commands_has_help():
     missing = [(name, a.option_strings or a.dest) for name, a in flags(build_parser(), "himap")
                if name.split()[1] in mine and not a.help]
     assert missing == []
+
+
+def test_a_full_disk_is_one_line():
+    from himap.errors import UserError
+    from himap.io import JsonlLog
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    with pytest.raises(UserError, match="cannot write /dev/full: No space left on device"):
+        JsonlLog("/dev/full").append({"id": "q", "error": None})
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="permissions do not bind root")
+def test_read_only_output_folder(world, capsys):
+    locked = world.root / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main(world.run("--output-dir", str(locked / "run"))) == 2
+    finally:
+        locked.chmod(0o755)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot create output folder" in err[0] and "Permission denied" in err[0]
