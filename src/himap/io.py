@@ -93,9 +93,9 @@ def write_question_file(records: list[dict], path: str | Path) -> Path:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Every complete record of ``path`` (none if it does not exist); a torn line (killed run) is skipped."""
+    """Every complete record of ``path`` (none if it is not a file); a torn line (killed run) is skipped."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         return []
     try:
         text = path.read_text(encoding="utf-8", errors="replace")

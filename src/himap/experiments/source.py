@@ -74,7 +74,11 @@ class Source:
                                    image_folder=str(self.image_folder or demo.image_folder))
 
     def questions(self) -> list[Question | dict]:
-        """This run's share of the question file: the first ``limit`` records, then chunk ``chunk_idx``."""
+        """This run's share of the question file: the first ``limit`` records, then chunk ``chunk_idx``. A
+        missing image folder is refused here, before any question is run."""
+        if not Path(self.image_folder).is_dir():
+            raise UserError(f"image folder not found: {self.image_folder}"
+                            + (" (a file)" if Path(self.image_folder).exists() else ""))
         return chunk(read_questions(self.question_file, self.limit), self.num_chunks, self.chunk_idx)
 
     def signature(self, dtype: str) -> dict:
