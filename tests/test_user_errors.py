@@ -119,6 +119,7 @@ class Case:
     argv: Callable[[World], list[str]]
     code: int
     message: str
+    env: tuple[tuple[str, str], ...] = ()     # environment variables set for this case
 
 
 DISRUPT = {"kind": "disrupt", "mode": "to_last", "window": None, "n_questions": 1,
@@ -136,6 +137,8 @@ CASES = [
          "model path not found"),
     Case("hub id, hub unreachable", lambda w: w.run("--model-path", "some-owner/some-model"), 2,
          "cannot be reached"),
+    Case("hub id, offline mode, not cached", lambda w: w.run("--model-path", "some-owner/some-model"), 2,
+         "not in the Hugging Face cache, and HF_HUB_OFFLINE", env=(("HF_HUB_OFFLINE", "1"),)),
     Case("model path is a file", lambda w: w.run("--model-path", w.file("m.bin", "x")), 2, "is a file"),
     Case("folder without config.json", lambda w: w.run("--model-path", w.model_copy("nocfg", drop=("config.json",))),
          2, "no config.json"),
@@ -303,7 +306,9 @@ def world(scratch, demo, monkeypatch, request):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_user_error(case, world, capsys):
+def test_user_error(case, world, capsys, monkeypatch):
+    for name, value in case.env:
+        monkeypatch.setenv(name, value)
     argv = case.argv(world)
     capsys.readouterr()
     usage = False

@@ -68,7 +68,10 @@ def locate_model(path: str) -> str:
     first = Path(path).parts[0] if Path(path).parts else ""
     if not _HUB_ID.match(path) or Path(first).expanduser().is_dir():
         raise UserError(f"model path not found: {path}")
-    if not os.environ.get("HF_HUB_OFFLINE") and not _cached(path):
+    if not _cached(path):
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
+            raise UserError(f"{path} is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE "
+                            f"forbids downloading it")
         _check_hub_reachable(path)
     return path
 
