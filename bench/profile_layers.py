@@ -16,7 +16,7 @@ import time
 import torch
 
 from himap import perf as bm
-from himap.configs import DTYPE_NAMES, PRESETS, torch_dtype
+from himap.configs import DTYPE_NAMES, PRESETS, SCIENCEQA_MEDIAN_TEXT_TOKENS, VICUNA_V1_SYSTEM_TOKENS, torch_dtype
 from himap.models import decoder_layers
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     model, _, _, full_depth = bm.build_model(preset=args.preset, layers=args.layers, dtype=torch_dtype(args.dtype))
-    layout = bm.Layout(bm.DEFAULT_SYS_TOKENS, bm.typical_image_tokens(model), bm.DEFAULT_TXT_TOKENS)
+    layout = bm.Layout(VICUNA_V1_SYSTEM_TOKENS, bm.typical_image_tokens(model), SCIENCEQA_MEDIAN_TEXT_TOKENS)
     inputs, policies = bm.synthetic_inputs(model, layout), bm.bench_policies(full_depth)
     seconds, began = collections.defaultdict(list), {}
     for name, module in timed_modules(model).items():

@@ -7,15 +7,14 @@ import json
 import logging
 from pathlib import Path
 
-from .. import perf as bm
+from ..configs import DTYPE_NAMES, PRESETS, SCIENCEQA_MEDIAN_TEXT_TOKENS, VICUNA_V1_SYSTEM_TOKENS
 from ..errors import UserError
 
 
 def register(subparsers) -> None:
-    from ..configs import DTYPE_NAMES, PRESETS
-
     p = subparsers.add_parser("bench", help="time prefill / decode of vanilla vs HiMAP / FastV / random",
-                              description=bm.__doc__.split("\n")[0])
+                              description="Latency, memory and KV-cache benchmark of pruning policies on one model "
+                                          "(a family preset's shape with random weights, or a checkpoint).")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", "--preset", dest="preset", choices=tuple(PRESETS),
                      help="random-weight model of this family's shape (default llava-1.5-7b unless --model-path)")
@@ -32,10 +31,10 @@ def register(subparsers) -> None:
     p.add_argument("--new-tokens", type=int, nargs="+", default=[1, 64], help="answer lengths with a KV cache")
     p.add_argument("--nocache-tokens", type=int, nargs="*", default=[1, 64],
                    help="answer lengths without a KV cache (the original's style; empty to skip)")
-    p.add_argument("--n-sys", type=int, help=f"system-prompt tokens (default {bm.DEFAULT_SYS_TOKENS}, or measured "
+    p.add_argument("--n-sys", type=int, help=f"system-prompt tokens (default {VICUNA_V1_SYSTEM_TOKENS}, or measured "
                                              "with --tokenizer / the checkpoint's tokenizer)")
-    p.add_argument("--n-txt", type=int, help=f"instruction tokens after the image (default {bm.DEFAULT_TXT_TOKENS}, "
-                                             "or the median of --questions)")
+    p.add_argument("--n-txt", type=int, help="instruction tokens after the image (default "
+                                             f"{SCIENCEQA_MEDIAN_TEXT_TOKENS}, or the median of --questions)")
     p.add_argument("--tokenizer", help="tokenizer folder or LLaMA .gguf vocabulary to measure the layout with")
     p.add_argument("--questions", help="ScienceQA question file whose median instruction length to use")
     p.add_argument("--out", type=Path, help="write the full result as JSON here")
@@ -43,14 +42,16 @@ def register(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def _layout(args: argparse.Namespace, tokenizer, n_img: int) -> bm.Layout:
+def _layout(args: argparse.Namespace, tokenizer, n_img: int):
     """Counts given on the command line win; otherwise measured with a tokenizer; otherwise the defaults."""
+    from .. import perf as bm
+
     if args.tokenizer:
         tokenizer = bm.load_tokenizer(args.tokenizer)
     if args.questions and tokenizer is None:
         raise UserError("--questions needs --tokenizer (or a checkpoint) to count tokens")
     layout = bm.measure_layout(tokenizer, n_img, args.questions) if tokenizer is not None else bm.Layout(
-        n_sys=bm.DEFAULT_SYS_TOKENS, n_img=n_img, n_txt=bm.DEFAULT_TXT_TOKENS)
+        n_sys=VICUNA_V1_SYSTEM_TOKENS, n_img=n_img, n_txt=SCIENCEQA_MEDIAN_TEXT_TOKENS)
     if args.n_sys is None and args.n_txt is None:
         return layout
     return bm.Layout(n_sys=layout.n_sys if args.n_sys is None else args.n_sys, n_img=n_img,
@@ -60,6 +61,7 @@ def _layout(args: argparse.Namespace, tokenizer, n_img: int) -> bm.Layout:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from .. import perf as bm
     from ..configs import preset, torch_dtype
     from ..loading import resolve_device
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-# Tokens before the image in LLaVA-1.5's vicuna_v1 prompt: BOS + the system sentence + "USER: " with the LLaMA
-# tokenizer. A default for the table only: pass --system-tokens for other templates.
-VICUNA_V1_SYSTEM_TOKENS = 35
+from ..configs import VICUNA_V1_SYSTEM_TOKENS  # a default for the table only: --system-tokens for other prompts
 
 
 def register(subparsers) -> None:

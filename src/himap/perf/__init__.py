@@ -17,18 +17,10 @@ stays) gives the engine's fixed cost per prefill: its prefill minus vanilla's. T
 """
 
 from .build import KEEP_ALL, bench_policies, build_model, check_policies
-from .layout import (
-                     DEFAULT_SYS_TOKENS,
-                     DEFAULT_TXT_TOKENS,
-                     Layout,
-                     load_tokenizer,
-                     measure_layout,
-                     synthetic_inputs,
-                     typical_image_tokens,
-)
+from .layout import Layout, load_tokenizer, measure_layout, synthetic_inputs, typical_image_tokens
 from .report import format_markdown, predicted
 from .runner import Settings, interleaved, measure_prefill, run_benchmark, time_generate
 
-__all__ = ["DEFAULT_SYS_TOKENS", "DEFAULT_TXT_TOKENS", "KEEP_ALL", "Layout", "Settings", "bench_policies",
+__all__ = ["KEEP_ALL", "Layout", "Settings", "bench_policies",
            "build_model", "check_policies", "format_markdown", "interleaved", "load_tokenizer", "measure_layout",
            "measure_prefill", "predicted", "run_benchmark", "synthetic_inputs", "time_generate", "typical_image_tokens"]

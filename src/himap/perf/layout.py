@@ -11,14 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..configs import SCIENCEQA_MEDIAN_TEXT_TOKENS
 from ..errors import UserError
-
-# BOS + the vicuna_v1 system sentence + "USER: " in the LLaMA-1/2 SentencePiece tokenizer that LLaVA-1.5 uses: 35
-# tokens, so the image starts at position 35 (the original HiMAP code's SYS_LEN).
-DEFAULT_SYS_TOKENS = 35
-# Median number of tokens after the image span ("\n" + question + choices + answer instruction + " ASSISTANT:")
-# over the 2,017 ScienceQA test questions with an image, LLaMA tokenizer (min 37, mean 95.7, max 543).
-DEFAULT_TXT_TOKENS = 70
 
 
 @dataclass(frozen=True)
@@ -49,7 +43,7 @@ class Layout:
 
 def measure_layout(tokenizer, n_img: int, questions: str | Path | None = None) -> Layout:
     """Token counts measured with a real tokenizer: the vicuna_v1 system prompt, and the median instruction length
-    of a ScienceQA question file (``DEFAULT_TXT_TOKENS`` without one). ``tokenizer`` must know ``<image>``."""
+    of a ScienceQA question file (``SCIENCEQA_MEDIAN_TEXT_TOKENS`` without one). ``tokenizer`` must know ``<image>``."""
     from ..data.scienceqa import Question, build_prompt, load_questions
 
     image_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -67,7 +61,7 @@ def measure_layout(tokenizer, n_img: int, questions: str | Path | None = None) -
         txt_lens.append(len(ids) - at - 1)
     if len(sys_lens) != 1:
         raise UserError(f"the system prompt tokenizes to different lengths: {sorted(sys_lens)}")
-    n_txt = int(statistics.median(txt_lens)) if prompts else DEFAULT_TXT_TOKENS
+    n_txt = int(statistics.median(txt_lens)) if prompts else SCIENCEQA_MEDIAN_TEXT_TOKENS
     source = f"measured: system prompt with the tokenizer, instruction = median of {len(prompts)} questions" \
         if prompts else "measured: system prompt with the tokenizer; instruction = default"
     return Layout(n_sys=sys_lens.pop(), n_img=n_img, n_txt=n_txt, source=source)
