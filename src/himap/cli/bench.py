@@ -43,13 +43,16 @@ def register(subparsers) -> None:
 
 
 def _layout(args: argparse.Namespace, tokenizer, n_img: int):
-    """Counts given on the command line win; otherwise measured with a tokenizer; otherwise the defaults."""
+    """Counts given on the command line win; otherwise measured with a tokenizer (LLaVA-1.5's vicuna_v1 prompt:
+    one that knows ``<image>``); otherwise LLaVA-1.5's defaults."""
     from .. import perf as bm
 
     if args.tokenizer:
         tokenizer = bm.load_tokenizer(args.tokenizer)
+    elif tokenizer is not None and "<image>" not in tokenizer.get_vocab():
+        tokenizer = None     # a checkpoint of another prompt format: the defaults, or --n-sys / --n-txt
     if args.questions and tokenizer is None:
-        raise UserError("--questions needs --tokenizer (or a checkpoint) to count tokens")
+        raise UserError("--questions needs --tokenizer (or a LLaVA-1.5 checkpoint) to count tokens")
     layout = bm.measure_layout(tokenizer, n_img, args.questions) if tokenizer is not None else bm.Layout(
         n_sys=VICUNA_V1_SYSTEM_TOKENS, n_img=n_img, n_txt=SCIENCEQA_MEDIAN_TEXT_TOKENS)
     if args.n_sys is None and args.n_txt is None:
