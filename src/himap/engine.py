@@ -27,7 +27,9 @@ code. A sample without visual tokens runs unpruned.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +41,7 @@ from . import hooks
 from .errors import UserError
 from .models import decoder_layers, family_of, language_model, visual_token_ids
 from .policies import Policy, Stage, check, random_kept
-from .spans import IMG, PAD, TXT, group_codes, on_model_inputs
+from .spans import PAD, TXT, group_codes, on_model_inputs, visual_mask
 
 
 @dataclass
@@ -60,15 +62,29 @@ class _Seq:
 
     index: torch.Tensor            # (B, M) original positions of the slots
     local: torch.Tensor | None     # (B, M) positions in the previous sequence (None for the prompt)
-    codes: torch.Tensor            # (B, M) token group of every slot (PAD for fillers)
+    is_img: torch.Tensor           # (B, M) the visual slots
     valid: torch.Tensor | None     # (B, M) False for filler slots; None when there are none
     counts: list[int]              # visual tokens left per sample
     fillers: list[int]             # filler slots per sample
+    parent: "_Seq | None" = None   # the sequence this one was gathered from
+    groups: Callable[[], torch.Tensor] | None = None   # the prompt's group codes, computed when first needed
     memo: dict = field(default_factory=dict)   # (name, id(stock)) -> (stock, restricted)
+    _codes: torch.Tensor | None = None
 
     @property
     def width(self) -> int:
         return self.index.shape[1]
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """(B, M) token group of every slot (PAD for fillers); only some row weights need them."""
+        if self._codes is None:
+            if self.parent is None:
+                self._codes = self.groups()
+            else:
+                codes = self.parent.codes.gather(1, self.local)
+                self._codes = codes if self.valid is None else codes.masked_fill(~self.valid, PAD)
+        return self._codes
 
 
 @dataclass
@@ -99,6 +115,7 @@ class Pruner:
         check(policy, self._n_layers)
         self.visual_ids = visual_token_ids(model)
         self._episode: _Episode | None = None
+        self._checked: set[int] = set()            # visual-token counts the policy was checked against
         first = self.stages[0].layer
         # layer -> the stage whose sequence it runs on (host table: no search per forward)
         self._stage_of = {i: max(s for s, st in enumerate(self.stages) if st.layer <= i)
@@ -145,41 +162,53 @@ class Pruner:
             ep.total += input_ids.shape[1]
 
     def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _Episode | None:
-        codes = group_codes(input_ids, self.visual_ids, attention_mask)               # (B, N)
-        batch, n = codes.shape
-        is_img = codes == IMG
-        real = torch.ones_like(is_img) if attention_mask is None else attention_mask.bool()
-        stats = torch.stack([is_img.sum(1), is_img.int().argmax(1), is_img.flip(1).int().argmax(1),
-                             real.flip(1).int().argmax(1), real.sum(1)])
+        is_img = visual_mask(input_ids, self.visual_ids, attention_mask)              # (B, N)
+        batch, n = is_img.shape
+        seen = is_img.cumsum(1)                                                      # visual tokens up to t
+        # the last visual (real) token is where the running count first peaks
+        stats = [seen[:, -1], (seen == 0).sum(1), seen.argmax(1)]
+        if attention_mask is not None:
+            stats += [attention_mask.cumsum(1).argmax(1), attention_mask.sum(1)]
         # The prefill's one host sync: every budget and every later shape depends on these counts.
-        n_img, first, last_from_end, real_from_end, n_real = stats.tolist()
+        n_img, first, last_img, *real = torch.stack(stats).tolist()
         if max(n_img) == 0:
             return None
-        for count in set(n_img) - {0}:
-            check(self.policy, self._n_layers, count)
-        layout = _Layout(n, n_img, first, last_from_end, [r + 1 for r in real_from_end],
+        for count in set(n_img) - self._checked:
+            if count:
+                check(self.policy, self._n_layers, count)
+            self._checked.add(count)
+        last_real, n_real = real or ([n - 1] * batch, [n] * batch)
+        layout = _Layout(n, n_img, first, [n - 1 - p for p in last_img], [n - r for r in last_real],
                          padded=min(n_real) < n)
-        index = torch.arange(n, device=codes.device).expand(batch, n)
-        prompt = _Seq(index, None, codes, None, n_img, [0] * batch)
+        index = torch.arange(n, device=is_img.device).expand(batch, n)
+        prompt = _Seq(index, None, is_img, None, n_img, [0] * batch,
+                      groups=lambda: group_codes(input_ids, self.visual_ids, attention_mask))
         sdpa = hooks.inner_implementation(self._text_config) == "sdpa"
         return _Episode(layout, [prompt], total=n, sdpa=sdpa, attention_mask=attention_mask)
 
     # -- 2. choosing the kept tokens -------------------------------------------------------------------------
-    def rows(self, stage: Stage) -> tuple[int, int, torch.Tensor]:
+    def rows(self, stage: Stage) -> tuple[int, int, torch.Tensor | None]:
         """The window [lo, hi) of rows of the current sequence holding every voting row of ``stage``, and the
-        (B, hi - lo) weight of each row (1 for a voting row)."""
+        (B, hi - lo) weight of each row (1 for a voting row); None when every row of the window votes."""
         ep = self._episode
         seq, lay = ep.seqs[-1], ep.layout
-        width, has = seq.width, [b for b, n in enumerate(lay.n_img) if n]
-        if stage.query == "text":
-            lo, hi = width - max(lay.tail), width
+        width, has = seq.width, [b for b, n in enumerate(lay.n_img) if n]   # image-less samples cast no vote
+        if stage.query == "text":          # the real tokens after the last visual one
+            tails = [lay.tail[b] for b in has]
+            lo, hi = width - max(tails), width
+            if min(tails) == max(tails) and max(lay.from_end) == 1:
+                return lo, hi, None
             return lo, hi, seq.codes[:, lo:hi] == TXT
-        if stage.query == "image":
+        if stage.query == "image":         # the visual tokens still present
             lo = min(seq.fillers[b] + lay.first_img[b] for b in has)
             hi = width - min(lay.tail[b] for b in has)
-            return lo, hi, seq.codes[:, lo:hi] == IMG
+            if all(hi - lo == seq.counts[b] for b in has):
+                return lo, hi, None
+            return lo, hi, seq.is_img[:, lo:hi]
         lo, hi = width - max(lay.from_end), width - min(lay.from_end) + 1        # "last": the last real token
-        last = width - torch.tensor(lay.from_end, device=seq.codes.device)
+        if hi - lo == 1:
+            return lo, hi, None
+        last = width - torch.tensor(lay.from_end, device=seq.index.device)
         return lo, hi, torch.arange(lo, hi, device=last.device) == last[:, None]
 
     def resolve(self, stage: Stage, votes: torch.Tensor | None) -> None:
@@ -187,26 +216,30 @@ class Pruner:
         None draws the kept tokens at random (seeded, per sample)."""
         ep = self._episode
         prev, lay = ep.seqs[-1], ep.layout
-        device = prev.codes.device
-        is_img = prev.codes == IMG
         counts = [0 if n == 0 else stage.count(n) for n in lay.n_img]
         if votes is None:
-            votes = _random_votes(is_img, prev.counts, counts, stage.seed)
-        scores = votes.float().masked_fill(~is_img, float("-inf"))
-        order = scores.argsort(dim=1, descending=True, stable=True)
-        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(prev.width, device=device).expand_as(order))
-        keep = ~is_img | (ranks < torch.tensor(counts, device=device)[:, None])
+            votes = _random_votes(prev.is_img, prev.counts, counts, stage.seed)
+        keep = ~prev.is_img
+        scores = votes.masked_fill(keep, float("-inf"))                           # (B, M) visual slots only
+        chosen = scores.topk(max(counts), dim=1).indices                          # best first
+        if min(counts) == max(counts):
+            keep.scatter_(1, chosen, True)
+        else:                               # each sample keeps only its own count of the best
+            ranks = torch.arange(max(counts), device=keep.device)
+            own = ranks < torch.tensor(counts, device=keep.device)[:, None]         # (B, max count)
+            keep |= torch.zeros_like(keep).scatter_(1, chosen, own)
         if prev.valid is not None:
             keep &= prev.valid
         sizes = [prev.width - f - c + k for f, c, k in zip(prev.fillers, prev.counts, counts)]
         width = max(sizes)
-        local = keep.to(torch.uint8).sort(dim=1, stable=True).indices[:, prev.width - width:]   # (B, M)
-        valid = None if min(sizes) == width else keep.gather(1, local)
-        codes = prev.codes.gather(1, local)
-        if valid is not None:
-            codes = codes.masked_fill(~valid, PAD)
-        ep.seqs.append(_Seq(prev.index.gather(1, local), local, codes, valid, counts,
-                            [width - s for s in sizes]))
+        # kept slots in their original order, after (width - size) filler slots: the dropped ones sort first
+        local = keep.sort(dim=1, stable=True).indices[:, prev.width - width:]   # (B, M)
+        index = local if prev.local is None else prev.index.gather(1, local)
+        is_img, valid = prev.is_img.gather(1, local), None
+        if min(sizes) != width:
+            valid = keep.gather(1, local)
+            is_img &= valid
+        ep.seqs.append(_Seq(index, local, is_img, valid, counts, [width - s for s in sizes], parent=prev))
 
     # -- 3. running the pruned layers ------------------------------------------------------------------------
     def _layer_hook(self, layer_idx: int):
@@ -220,45 +253,51 @@ class Pruner:
             ep.current = s + 1
             if ep.prefill and layer_idx == stage.layer:
                 if len(ep.seqs) == s + 1 and stage.query == "random":
-                    with record_function("himap.score"):
+                    with _range("himap.score"):
                         self.resolve(stage, None)
-                args = self._gather_hidden(ep.seqs[s + 1].local, args, kwargs)
-            kwargs.update(self._restricted(ep, s + 1, layer_idx, args, kwargs))
+                with _range("himap.gather"):
+                    args = self._gather_hidden(ep.seqs[s + 1].local, args, kwargs)
+                    kwargs.update(self._restricted(ep, s + 1, layer_idx, args, kwargs))
+            else:
+                kwargs.update(self._restricted(ep, s + 1, layer_idx, args, kwargs))
             return args, kwargs
         return hook
 
     @staticmethod
     def _gather_hidden(local: torch.Tensor, args: tuple, kwargs: dict) -> tuple:
-        with record_function("himap.gather"):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            idx = local.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1])
-            return (hidden.gather(1, idx), *args[1:])
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        return (_take(hidden, 1, local), *args[1:])
 
     def _restricted(self, ep: _Episode, s: int, layer_idx: int, args: tuple, kwargs: dict) -> dict:
         """The layer's mask / RoPE tables / position ids for sequence ``s`` (each computed once per forward)."""
-        with record_function("himap.gather"):
-            seq = ep.seqs[s]
-            if not ep.prefill:
-                return {"attention_mask": _decode_mask(ep, seq, s, layer_idx, args[0], kwargs)}
-            out = {}
-            for name in ("attention_mask", "position_embeddings", "position_ids"):
-                stock = kwargs.get(name)
-                if stock is None and (name != "attention_mask" or seq.valid is None):
-                    continue
-                cached = seq.memo.get((name, id(stock)))
-                if cached is None or cached[0] is not stock:
+        seq = ep.seqs[s]
+        if not ep.prefill:
+            return {"attention_mask": _decode_mask(ep, seq, s, layer_idx, args[0], kwargs)}
+        out = {}
+        for name in ("attention_mask", "position_embeddings", "position_ids"):
+            stock = kwargs.get(name)
+            if stock is None and (name != "attention_mask" or seq.valid is None):
+                continue
+            cached = seq.memo.get((name, id(stock)))
+            if cached is None or cached[0] is not stock:
+                with _range("himap.gather"):
                     cached = (stock, _restrict(name, stock, seq, ep.sdpa, args[0]))
-                    seq.memo[(name, id(stock))] = cached
-                out[name] = cached[1]
-            return out
+                seq.memo[(name, id(stock))] = cached
+            out[name] = cached[1]
+        return out
+
+
+def _range(name: str):
+    """A named profiler range around the engine's own work (``himap.score``, ``himap.gather``) while a profiler
+    runs; nothing otherwise (opening a range costs several microseconds even with no profiler listening)."""
+    return record_function(name) if torch._C._autograd._profiler_enabled() else contextlib.nullcontext()
 
 
 def _kept_positions(seq: _Seq):
     """(B, r) original positions of the visual slots, or a list of (r_b,) when the counts differ."""
-    is_img = seq.codes == IMG
     if len(set(seq.counts)) == 1:
-        return seq.index[is_img].view(len(seq.counts), seq.counts[0])
-    return [seq.index[b][is_img[b]] for b in range(len(seq.counts))]
+        return seq.index[seq.is_img].view(len(seq.counts), seq.counts[0])
+    return [seq.index[b][seq.is_img[b]] for b in range(len(seq.counts))]
 
 
 def _random_votes(is_img: torch.Tensor, present: list[int], counts: list[int], seed: int) -> torch.Tensor:
@@ -275,8 +314,11 @@ def _random_votes(is_img: torch.Tensor, present: list[int], counts: list[int], s
 def _take(t: torch.Tensor, dim: int, index: torch.Tensor, bdim: int | None = None) -> torch.Tensor:
     """``t`` gathered along ``dim`` at per-sample ``index`` (B, M); t's batch dim is ``bdim`` (default: the dim
     before ``dim``), a batch of 1 is broadcast."""
-    index = index.to(t.device)
+    if index.device != t.device:
+        index = index.to(t.device)
     bdim = dim - 1 if bdim is None else bdim
+    if index.shape[0] == 1 and t.shape[bdim] == 1:                          # one sample: a plain index_select
+        return t.index_select(dim, index[0])
     t = t.expand(*t.shape[:bdim], index.shape[0], *t.shape[bdim + 1:])
     shape = [1] * t.dim()
     shape[bdim], shape[dim] = index.shape
@@ -354,12 +396,15 @@ class _Scorer(hooks.AttentionHook):
         ep = self.pruner._episode
         if ep is None or not ep.prefill or len(ep.seqs) != self.stage_idx + 1:
             return
-        with record_function("himap.score"):
+        with _range("himap.score"):
             stage = self.pruner.stages[self.stage_idx]
             lo, hi, weight = self.pruner.rows(stage)
             probs = hooks.attention_probs(module, query, key, mask, slice(lo, hi))   # (B, H, R, K)
-            votes = torch.bmm(weight.to(probs.dtype)[:, None, :], probs.mean(1))       # (B, 1, K)
-            self.pruner.resolve(stage, votes[:, 0])
+            if weight is None:        # every row votes; the head mean's 1/H does not change the ranking
+                votes = probs.sum((1, 2))                                             # (B, K)
+            else:
+                votes = torch.bmm(weight.to(probs.dtype)[:, None, :], probs.mean(1))[:, 0]
+            self.pruner.resolve(stage, votes)
 
 
 class _DeepstackPatch:
@@ -375,7 +420,7 @@ class _DeepstackPatch:
         ep = self.pruner._episode
         if ep is not None and ep.prefill and ep.current:     # the layer that just ran worked on pruned slots
             seq = ep.seqs[ep.current]
-            with record_function("himap.gather"):
+            with _range("himap.gather"):
                 masks = visual_pos_masks.to(seq.index.device)                     # (B, N) bool
                 rank = (masks.flatten().long().cumsum(0) - 1).view_as(masks)      # row of each in visual_embeds
                 kept = masks.gather(1, seq.index)

@@ -14,6 +14,7 @@ Removing the last hook restores the original implementation name: the model is t
 
 from __future__ import annotations
 
+import functools
 import sys
 import weakref
 from collections.abc import Callable
@@ -68,6 +69,13 @@ def _causal(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
 
 
+@functools.lru_cache(maxsize=16)
+def _causal_additive(q_len: int, k_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """:func:`_causal` as an additive float mask, cached per shape (the engine scores every prefill of a batch
+    shape alike; adding a float mask is several times cheaper on a CPU than filling through a bool one)."""
+    return additive_mask(_causal(q_len, k_len, device), q_len, k_len, dtype, device)
+
+
 def additive_mask(mask: torch.Tensor | None, q_len: int, k_len: int, dtype: torch.dtype,
                   device: torch.device) -> torch.Tensor:
     """The mask as an additive float (B|1, 1, Q, K) tensor; ``None`` means causal, queries being the last Q."""
@@ -81,16 +89,20 @@ def additive_mask(mask: torch.Tensor | None, q_len: int, k_len: int, dtype: torc
 def attention_probs(module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
                     rows: torch.Tensor | slice | None = None) -> torch.Tensor:
     """Softmax attention (B, H, R, K) of ``rows`` of the queries (an index or a slice; all rows if None), as
-    eager attention computes it: fp32 softmax, cast back to the query dtype."""
+    eager attention computes it: scaled scores plus the additive mask (a bool mask cuts with the dtype's
+    minimum, the same thing), fp32 softmax, cast back to the query dtype."""
     q_len, k_len = query.shape[2], key.shape[2]
     if mask is None:
-        mask = _causal(q_len, k_len, query.device)
-    if rows is not None:         # cut the rows before converting: the mask may be (B, 1, T, T)
+        mask = _causal_additive(q_len, k_len, query.dtype, query.device)
+    if rows is not None:         # cut the rows first: the mask may be (B, 1, T, T)
         query = query[:, :, rows]
         mask = mask[:, :, rows] if mask.shape[2] > 1 else mask
-    mask = additive_mask(mask, 0, 0, query.dtype, query.device)
     key = repeat_kv(key, getattr(module, "num_key_value_groups", 1))
-    scores = torch.matmul(query, key.transpose(2, 3)) * module.scaling + mask
+    scores = torch.matmul(query, key.transpose(2, 3)) * module.scaling                # (B, H, R, K)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + mask.to(scores.dtype)
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
 
 

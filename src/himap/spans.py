@@ -49,27 +49,28 @@ class Spans:
         return mask
 
 
-def _visual(input_ids: torch.Tensor, visual_ids: int | Sequence[int]) -> torch.Tensor:
-    ids = [visual_ids] if isinstance(visual_ids, int) else list(visual_ids)
-    return torch.isin(input_ids, torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device))
+def visual_mask(input_ids: torch.Tensor, visual_ids: int | Sequence[int],
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) bool: the real positions holding one of ``visual_ids``. No host sync."""
+    if input_ids.dim() != 2:
+        raise UserError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    if isinstance(visual_ids, int) or len(visual_ids) == 1:
+        is_img = input_ids == (visual_ids if isinstance(visual_ids, int) else visual_ids[0])
+    else:
+        is_img = torch.isin(input_ids, torch.tensor(list(visual_ids), dtype=input_ids.dtype, device=input_ids.device))
+    return is_img if attention_mask is None else is_img & attention_mask.bool()
 
 
 def group_codes(input_ids: torch.Tensor, visual_ids: int | Sequence[int],
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) long: the group of every position (``SYS``/``IMG``/``TXT``), ``PAD`` for padding and for text
     between visual tokens. A row without visual tokens is all ``SYS`` (its real tokens). No host sync."""
-    if input_ids.dim() != 2:
-        raise UserError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-    is_img = _visual(input_ids, visual_ids)                                   # (B, T)
-    seen = is_img.long().cumsum(1)                                            # visual tokens at or before t
-    before = seen == 0
-    after = seen == seen[:, -1:]                                              # no visual token after t
-    codes = torch.full_like(input_ids, PAD, dtype=torch.long)
-    codes[before] = SYS
-    codes[after & ~before & ~is_img] = TXT
-    codes[is_img] = IMG
+    is_img = visual_mask(input_ids, visual_ids, attention_mask)                # (B, T)
+    seen = is_img.cumsum(1)                                                   # visual tokens at or before t
+    # before the first visual token: SYS; after the last (the count no longer grows): TXT; between: no group
+    codes = torch.where(seen == 0, SYS, torch.where(seen == seen[:, -1:], TXT, PAD)).masked_fill_(is_img, IMG)
     if attention_mask is not None:
-        codes[~attention_mask.bool()] = PAD
+        codes.masked_fill_(attention_mask == 0, PAD)
     return codes
 
 
