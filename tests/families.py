@@ -438,3 +438,31 @@ def extend(name: str, batch: dict, tokens: torch.Tensor) -> dict:
         if key in batch:
             out[key] = torch.cat([batch[key], torch.zeros(tokens.shape[0], n, dtype=batch[key].dtype)], 1)
     return out
+
+
+def image_and_video(name: str, seed: int = 4) -> dict:
+    """Qwen2-VL / Qwen2.5-VL: one prompt with an image and a two-frame video (both frames one picture).
+
+    Video processors need torchvision, so the video is made the way its processor would make it: Qwen's image
+    processor tiles a still picture over the temporal patch (2 frames), which is exactly the patch tensor of a
+    two-frame video of that picture at the same size; its placeholders are ``grid_thw.prod() / merge**2``
+    ``<|video_pad|>`` ids (``mm_token_type_ids`` 2) between vision start/end, ``second_per_grid_ts`` = temporal
+    patch / 2 fps = 1 s (Qwen2.5-VL). The image goes through the processor unchanged."""
+    proc, family = processor(name), FAMILIES[name]
+    content = [{"type": "image"}, {"type": "text", "text": "and this clip:"}, {"type": "image"},
+               {"type": "text", "text": "Which one shows a circle? A. the image B. the clip"}]
+    text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    pictures = [image(*family.sizes[0], seed=seed), image(*family.sizes[2], seed=seed + 1)]
+    out = dict(proc(images=[pictures], text=[text], return_tensors="pt"))
+    grids = out.pop("image_grid_thw")
+    n_first = int(grids[0].prod())                    # patch rows of the first image
+    pads = (out["input_ids"] == proc.image_token_id).nonzero()[:, 1]
+    video = pads[n_first // proc.image_processor.merge_size ** 2:]          # the second span
+    out["input_ids"][0, video] = proc.video_token_id
+    out["mm_token_type_ids"][0, video] = 2
+    out["pixel_values_videos"] = out["pixel_values"][n_first:]
+    out["pixel_values"] = out["pixel_values"][:n_first]
+    out["image_grid_thw"], out["video_grid_thw"] = grids[:1], grids[1:]
+    if name == "qwen2_5_vl":
+        out["second_per_grid_ts"] = torch.tensor([1.0])
+    return out

@@ -269,3 +269,20 @@ def test_knockout_cached_generation_equals_recomputation(family):
     for a, b in zip(cached.logits, recomputed.logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(cached.logits[0], stock.logits[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("policy", [himap.HiMAP(k1=2, r1=0.5, k2=4, r2=0.25), himap.FastV(k=2, r=0.4)])
+def test_image_and_video_tokens_are_pooled(family, policy):
+    """Image and video placeholders form one visual group: ranked together, pruned == the masked reference.
+    Imported by the families whose test bed builds video inputs (``families.image_and_video``)."""
+    model, eager = families.model(family), families.model(family, "eager")
+    inputs = families.image_and_video(family)
+    assert_equals_masked_reference(family, model, inputs, policy)
+    with himap.apply(model, policy) as handle, torch.no_grad():
+        model(**inputs)
+    expected = brute_force_kept(eager, inputs, visual(family, inputs), policy)
+    assert [[k.tolist() for k in stage] for stage in kept_lists(handle.kept)] == \
+        [[k.tolist() for k in stage] for stage in expected]
+    video = inputs["input_ids"][0] == model.config.video_token_id
+    first = kept_lists(handle.kept)[0][0]
+    assert video[first].any() and (~video[first]).any(), "the test needs both kinds among the kept tokens"
