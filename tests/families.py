@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ QK_NORM_SCALE = 1.5
 VOCAB_TRAINED = 300
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<image>", "<video>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
            "<|vision_end|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<start_of_image>",
-           "<end_of_image>", "<image_soft_token>", "<start_of_turn>", "<end_of_turn>", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+           "<end_of_image>", "<image_soft_token>", "<start_of_turn>", "<end_of_turn>", "[IMG]", "[IMG_BREAK]",
+           "[IMG_END]"]
 CORPUS = ["A chat between a curious human and an artificial intelligence assistant.",
           "What colour is the shape in the image? Which image shows more circles than squares?",
           "Answer with the option's letter from the given choices directly. A. red B. blue C. green D. yellow",
@@ -40,7 +41,7 @@ SYSTEM = "A chat between a curious human and an artificial intelligence assistan
 
 
 @functools.cache
-def _bpe() -> "tokenizers.Tokenizer":  # noqa: F821
+def _bpe() -> tokenizers.Tokenizer:  # noqa: F821
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -166,8 +167,7 @@ def _next_config() -> tf.PretrainedConfig:
 
 
 def _onevision_processor() -> tf.ProcessorMixin:
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil)
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
     ip = LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16}, image_grid_pinpoints=PINPOINTS)
     template = _template("<image>\n", "<|im_start|>{role}\n", "<|im_end|>\n", "<|im_start|>assistant\n")

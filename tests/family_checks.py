@@ -21,12 +21,6 @@ import families
 import himap
 from conftest import brute_force_kept, budget, dropped_from_kept, masked_reference, text_config
 
-__all__ = ["family", "test_masked_reference_without_drops_is_stock", "test_keep_everything_is_stock_and_remove_restores", "test_pruning_equals_masked_reference",
-           "test_eager_pruning_equals_masked_reference", "test_kept_sets_equal_brute_force",
-           "test_ragged_batch_equals_each_alone", "test_fraction_budgets_equal_counts",
-           "test_saliency_equals_autograd", "test_knockout_zeroes_blocked_edges",
-           "test_knockout_cached_generation_equals_recomputation"]
-
 STEPS = 4           # the prefill's next token and 3 KV-cached greedy decode steps
 MULTI = families.SAMPLES[2]   # two images (of different sizes where the family's processor allows it)
 
@@ -91,7 +85,7 @@ def assert_equals_masked_reference(name: str, model, inputs: dict, policy) -> No
     assert not torch.allclose(prefill, stock, atol=1e-3), "pruning changes nothing here: the check is void"
     for step in range(STEPS):
         ref = masked_reference(model, families.extend(name, inputs, tokens[:, :step]), dropped).logits[:, -1]
-        torch.testing.assert_close(logits[step], ref, atol=1e-5, rtol=0, msg=lambda m: f"step {step}: {m}")
+        torch.testing.assert_close(logits[step], ref, atol=1e-5, rtol=0, msg=lambda m, step=step: f"step {step}: {m}")
 
 
 def test_masked_reference_without_drops_is_stock(family):
@@ -286,3 +280,9 @@ def test_image_and_video_tokens_are_pooled(family, policy):
     video = inputs["input_ids"][0] == model.config.video_token_id
     first = kept_lists(handle.kept)[0][0]
     assert video[first].any() and (~video[first]).any(), "the test needs both kinds among the kept tokens"
+
+
+# What ``from family_checks import *`` brings into every family's test module: the fixture and the shared tests
+# (not the ones only some families' test beds can feed, which those modules import by name).
+__all__ = ["family"] + [name for name in list(globals())
+                        if name.startswith("test_") and name != "test_image_and_video_tokens_are_pooled"]

@@ -5,8 +5,8 @@ import torch
 
 import families
 import himap
-from family_checks import *  # noqa: F403  (the shared tests, collected here for this family)
 from conftest import text_config
+from family_checks import *  # noqa: F403  (the shared tests, collected here for this family)
 from family_checks import assert_equals_masked_reference, visual
 
 FAMILY = "gemma3"

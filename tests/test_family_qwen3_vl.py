@@ -6,7 +6,7 @@ import torch
 import families
 import himap
 from family_checks import *  # noqa: F403  (the shared tests, collected here for this family)
-from family_checks import assert_equals_masked_reference, stage_layers, visual
+from family_checks import assert_equals_masked_reference, stage_layers
 
 FAMILY = "qwen3_vl"
 
