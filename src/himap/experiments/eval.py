@@ -18,7 +18,7 @@ from .. import policies
 from ..data.scienceqa import Question, read_question_file
 from ..errors import UserError
 from ..io import JsonlLog, write_json, write_question_file
-from .results import error_record, merge, summarize
+from .results import error_record, merge, read_summary, summarize
 from .run import open_run
 from .source import Source, option, qid, read_questions
 
@@ -154,7 +154,10 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> dict:
     _run(cfg, model, processor, policy, todo, results)
     pos = {qid(q): i for i, q in enumerate(items)}
     records = sorted((r for r in results.records() if r["id"] in pos), key=lambda r: pos[r["id"]])
-    summary = summarize(records, config=config, device=device_name(device))
+    # the latencies were measured where the records were made: a re-display elsewhere keeps that device's name
+    measured_on = read_summary(summary_path)["latency"]["device"] if not todo and summary_path.is_file() else \
+        device_name(device)
+    summary = summarize(records, config=config, device=measured_on)
     write_json(summary_path, summary)
     if cfg.num_chunks > 1 and not cfg.answers_file:
         if accel is not None:
