@@ -131,7 +131,7 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[Question 
     for i, record in enumerate(records[:limit]):
         try:
             out.append(Question.from_record(record))
-        except ValueError as err:
+        except UserError as err:
             qid = str(record["id"]) if isinstance(record, dict) and "id" in record else f"record-{i}"
             out.append(error_item(qid, f"malformed record: {err}"))
     return out
