@@ -402,3 +402,16 @@ def test_read_only_output_folder(world, capsys):
         locked.chmod(0o755)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot create output folder" in err[0] and "Permission denied" in err[0]
+
+
+def test_the_command_table_names_every_command():
+    """``himap.cli.COMMANDS`` (which group to import for a command) lists exactly the registered commands."""
+    import argparse
+
+    from himap.cli import COMMANDS, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(sub.choices) == sorted(COMMANDS)
+    for command, group in COMMANDS.items():       # and each command's group alone registers it
+        sub = next(a for a in build_parser(command)._actions if isinstance(a, argparse._SubParsersAction))
+        assert command in sub.choices, group
