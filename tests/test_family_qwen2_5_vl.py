@@ -2,6 +2,6 @@
 image and a video."""
 
 from family_checks import *  # noqa: F403  (the shared tests, collected here for this family)
-from family_checks import test_image_and_video_tokens_are_pooled  # noqa: F401  (M-RoPE families with video)
+from family_checks import test_image_and_video_tokens_are_pooled  # noqa: F401  (families with video inputs)
 
 FAMILY = "qwen2_5_vl"
