@@ -116,7 +116,7 @@ def _id(token: str) -> int:
 class Family:
     """How to build one family's tiny model, its processor and its prompts."""
 
-    name: str                                   # the family's model_type
+    name: str                                   # the family's model_type (+ "+decoder" for a variant)
     model_class: str                            # the transformers class name
     config: Callable[[], tf.PretrainedConfig]
     processor: Callable[[], tf.ProcessorMixin]
@@ -243,10 +243,11 @@ def _internvl_processor() -> tf.ProcessorMixin:
                                                 image_seq_length=9, chat_template=template)
 
 
-def _internvl_config() -> tf.PretrainedConfig:
+def _internvl_config(decoder: str = "qwen2") -> tf.PretrainedConfig:
     vision = tf.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                      image_size=[24, 24], patch_size=[4, 4])
-    return tf.InternVLConfig(vision_config=vision, text_config=tf.Qwen2Config(**_text("qwen2", 6)),
+    text = tf.AutoConfig.for_model(decoder, **_text(decoder, 6))
+    return tf.InternVLConfig(vision_config=vision, text_config=text,
                              image_token_id=_id("<IMG_CONTEXT>"), image_seq_length=9, downsample_ratio=0.5)
 
 
@@ -331,6 +332,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            decode_kwargs=("mm_token_type_ids",)),
     Family("internvl", "InternVLForConditionalGeneration", _internvl_config, _internvl_processor,
            sizes=((24, 48), (48, 24), (24, 24))),
+    Family("internvl+llama", "InternVLForConditionalGeneration", functools.partial(_internvl_config, "llama"),
+           _internvl_processor, sizes=((24, 48), (48, 24), (24, 24))),
     Family("gemma3", "Gemma3ForConditionalGeneration", _gemma3_config, _gemma3_processor,
            decode_kwargs=("token_type_ids",), sizes=((32, 32),) * 3),
     Family("mistral3", "Mistral3ForConditionalGeneration", _mistral3_config, _mistral3_processor,

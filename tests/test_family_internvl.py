@@ -1,4 +1,4 @@
-"""The per-family checks (family_checks.py) on a tiny random internvl model built by families.py."""
+"""The per-family checks (family_checks.py) on a tiny random InternVL model (Qwen2 decoder)."""
 
 from family_checks import *  # noqa: F403  (the shared tests, collected here for this family)
 
