@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
 from ..spans import GROUPS, IMG
 
 
@@ -16,4 +17,4 @@ def require_images(codes: torch.Tensor) -> None:
     """One clear error when some sample has no image placeholder (the analyses are about the image flow)."""
     missing = [b for b in range(codes.shape[0]) if not (codes[b] == IMG).any()]
     if missing:
-        raise ValueError(f"sample(s) {missing} have no image tokens; the analysis needs an image in every sample")
+        raise UserError(f"sample(s) {missing} have no visual tokens; the analysis needs an image in every sample")
