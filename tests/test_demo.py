@@ -40,7 +40,7 @@ def test_processor_expands_image_to_configured_token_count(demo, demo_model):
                        return_tensors="pt")
     ids = inputs["input_ids"]
     n_img = image_token_count(model.config)
-    assert n_img == 36 == (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    assert n_img == 144 == (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     assert int((ids == model.config.image_token_id).sum()) == n_img
     assert processor.tokenizer.image_token == "<image>"
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
@@ -61,7 +61,7 @@ def test_demo_checkpoint_reloads_and_is_idempotent(demo, demo_model):
     processor = AutoProcessor.from_pretrained(demo.model_dir)
     assert type(processor).__name__ == "LlavaProcessor"
     assert processor.tokenizer.padding_side == "left"
-    assert model.config.text_config.num_hidden_layers == 4 and model.config.text_config.hidden_size == 96
+    assert model.config.text_config.num_hidden_layers == 8 and model.config.text_config.hidden_size == 96
     assert model.config.image_token_id < model.config.text_config.vocab_size == len(processor.tokenizer)
     loaded, _ = demo_model
     for (name, a), b in zip(loaded.state_dict().items(), model.state_dict().values()):
@@ -86,8 +86,8 @@ def test_demo_questions_and_images(demo):
 
 
 def test_default_policies_keep_the_paper_ratios(demo):
-    assert demo.himap == himap.HiMAP(k1=2, r1=18, k2=3, r2=4)
-    assert demo.fastv == himap.FastV(k=2, r=18)
+    assert demo.himap == himap.HiMAP(k1=2, r1=72, k2=3, r2=18)  # 8 layers, 144 image tokens
+    assert demo.fastv == himap.FastV(k=2, r=72)
     assert default_policies(32, 576)["himap"] == himap.HiMAP(k1=2, r1=288, k2=8, r2=72)  # LLaVA-1.5-7B
     assert default_policies(40, 576)["himap"] == himap.HiMAP(k1=2, r1=288, k2=8, r2=72)  # LLaVA-1.5-13B shipped
 
@@ -148,5 +148,5 @@ def test_cli_demo_prints_paths(demo, capsys, monkeypatch):
     monkeypatch.setenv("HIMAP_CACHE", str(demo.model_dir.parent.parent.parent))
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
-    assert str(demo.model_dir) in out and str(demo.question_file) in out and "HiMAP(k1=2, r1=18" in out
+    assert str(demo.model_dir) in out and str(demo.question_file) in out and "HiMAP(k1=2, r1=72" in out
     assert Path(os.environ["HIMAP_CACHE"]) / "demo" == demo.model_dir.parent.parent
