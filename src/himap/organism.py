@@ -1,5 +1,7 @@
 """A model organism: a tiny LLaVA trained from scratch on CPU whose answers depend on the image.
 
+The default shape is in the regime pruning papers study: 8 decoder layers and 144 image tokens (168 px images,
+patch 14), so that shallow layers can move the image into the text while deep layers keep few image tokens.
 The architecture is the demo's (CLIP-style vision tower, 2-layer GELU projector, LLaMA decoder, the offline BPE
 tokenizer and ``LlavaProcessor`` of :mod:`himap.data.demo`, the vicuna_v1 prompt), trained on the synthetic
 questions of :mod:`himap.data.synthetic`. Each training sequence is the exact evaluation prompt followed by the
@@ -16,7 +18,8 @@ budget it did not (runs with the letter loss alone, and with the auxiliary losse
 
 Training streams fresh items (rendered and encoded by the processor, exactly as the eval does) from a seeded
 generator, checks accuracy on a separate validation split every few hundred steps and stops early at the
-target. With the same seed, thread count and torch build the run is reproducible.
+target. With the same seed, thread count and torch build the run is reproducible, and it is resumable: the
+training state is saved atomically every few minutes, and a killed run continues from it to the same weights.
 """
 
 from __future__ import annotations
