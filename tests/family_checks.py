@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import families
 import himap
 from conftest import brute_force_kept, budget, dropped_from_kept, masked_reference, text_config
+from family_videos import image_and_video
 
 STEPS = 4           # the prefill's next token and 3 KV-cached greedy decode steps
 MULTI = families.SAMPLES[2]   # two images (of different sizes where the family's processor allows it)
@@ -268,9 +269,9 @@ def test_knockout_cached_generation_equals_recomputation(family):
 @pytest.mark.parametrize("policy", [himap.HiMAP(k1=2, r1=0.5, k2=4, r2=0.25), himap.FastV(k=2, r=0.4)])
 def test_image_and_video_tokens_are_pooled(family, policy):
     """Image and video placeholders form one visual group: ranked together, pruned == the masked reference.
-    Imported by the families whose test bed builds video inputs (``families.image_and_video``)."""
+    Imported by the families whose test bed builds video inputs (``family_videos.image_and_video``)."""
     model, eager = families.model(family), families.model(family, "eager")
-    inputs = families.image_and_video(family)
+    inputs = image_and_video(family)
     assert_equals_masked_reference(family, model, inputs, policy)
     with himap.apply(model, policy) as handle, torch.no_grad():
         model(**inputs)
