@@ -122,10 +122,10 @@ class Pruner:
                           for i in range(first, len(layers))}
         scorers = {s.layer - 1: [_Scorer(self, i)] for i, s in enumerate(self.stages) if s.query != "random"}
         self._handles = [
+            hooks.attach(layers, scorers),          # first: it refuses attention it cannot hook
             on_model_inputs(model, self._on_inputs),
             *(layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True)
               for i in range(first, len(layers))),
-            hooks.attach(layers, scorers),
         ]
         if family_of(model).deepstack:
             self._handles.append(_DeepstackPatch(language_model(model), self))
