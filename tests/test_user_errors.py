@@ -187,9 +187,9 @@ CASES = [
     # -- the policy (the same checks as himap flops) --------------------------------------------------------
     Case("--k1 0", lambda w: w.run("--use-hmap-v", "--k1", "0"), 2, "k1 must be >= 1"),
     Case("--r1 beyond the image tokens", lambda w: w.run("--use-hmap-v", "--r1", "1000"), 2,
-         "r1=1000 exceeds the 36 image tokens"),
+         "r1=1000 exceeds the "),
     Case("--k2 beyond the layers", lambda w: w.run("--use-hmap-v", "--k2", "99"), 2,
-         "k2=99 must be < the number of decoder layers (4)"),
+         "k2=99 must be < the number of decoder layers ("),
     Case("--r2 > --r1", lambda w: w.run("--use-hmap-v", "--r1", "4", "--r2", "9"), 2, "r2 must be <= r1"),
     Case("--r1 not a number", lambda w: w.run("--use-hmap-v", "--r1", "half"), 2, "invalid parse_budget value"),
     Case("--r1 fraction above 1", lambda w: w.run("--use-hmap-v", "--r1", "1.5"), 2, "fraction must be in (0, 1]"),
@@ -197,6 +197,14 @@ CASES = [
     Case("--use-hmap-v contradicts --policy", lambda w: w.run("--use-hmap-v", "--policy", "fastv"), 2,
          "contradicts --policy fastv"),
     Case("unknown policy", lambda w: w.run("--policy", "sparse"), 2, "invalid choice: 'sparse'"),
+    Case("--max-new-tokens beyond the context", lambda w: w.run("--max-new-tokens", "5000"), 2,
+         "--max-new-tokens 5000 leaves no room for a prompt in the model's context of 1024"),
+    Case("disrupt --max-new-tokens beyond the context", lambda w: [
+        "disrupt", "--model-path", w.model, "--question-file", w.questions, "--image-folder", w.images,
+        "--output-dir", w.path("d"), "--max-new-tokens", "1024"], 2, "leaves no room for a prompt"),
+    Case("chat_template on a checkpoint without one", lambda w: w.run(
+        "--model-path", w.model_copy("notpl", drop=("chat_template.jinja",)), "--conv-mode", "chat_template"), 2,
+        "the checkpoint has no chat template"),
     Case("--batch-size 0", lambda w: w.run("--batch-size", "0"), 2, "--batch-size must be >= 1"),
     Case("--temperature -1", lambda w: w.run("--temperature", "-1"), 2, "--temperature must be >= 0"),
     Case("flops --r1 beyond the image tokens", lambda w: ["flops", "--model", "llava-1.5-7b", "--r1", "1000"], 2,
@@ -230,6 +238,11 @@ CASES = [
                                                  w.path("m")], 2, "is not finished (no summary.json)"),
     Case("plot into a file", lambda w: ["plot", w.file("d.json", json.dumps(DISRUPT)), "--output-dir",
                                         w.file("png", "x")], 2, "is a file, not a folder"),
+    Case("plot a summary with damaged values", lambda w: ["plot", w.file("v.json", json.dumps(
+        {**DISRUPT, "flows": {"img2txt": {"start": [0, 1], "label_consistency": [1.0]}}}))], 2, "damaged disrupt"),
+    Case("plot a saliency summary with damaged values", lambda w: ["plot", w.file("w.json", json.dumps(
+        {"kind": "saliency", "form": "x", "n_questions": 1, "props4all": [[1, 2]], "props4img": "?"}))], 2,
+        "damaged saliency"),
     Case("table of nothing finished", lambda w: ["table", w.root.as_posix()], 2, "no finished run"),
     Case("plot a truncated file", lambda w: ["plot", w.file("s.json", '{"kind": "saliency", "form"')], 2,
          "is not valid JSON"),
@@ -256,7 +269,7 @@ CASES = [
     Case("disrupt start layer beyond the model", lambda w: ["disrupt", "--model-path", w.model, "--question-file",
                                                             w.questions, "--image-folder", w.images, "--output-dir",
                                                             w.path("d"), "--isolate-layer", "99"], 2,
-         "start layer(s) [99] out of range: the model has 4 layers"),
+         "start layer(s) [99] out of range: the model has "),
     Case("saliency output folder is a file", lambda w: ["saliency", "--model-path", w.model, "--question-file",
                                                         w.questions, "--image-folder", w.images, "--output-dir",
                                                         w.file("f", "x")], 2, "is a file, not a folder"),

@@ -43,7 +43,28 @@ def read_summary(path: str | Path) -> dict:
     missing = [k for k in REQUIRED[summary["kind"]] if k not in summary]
     if missing:
         raise UserError(f"{path} is an incomplete {summary['kind']} summary: no {', '.join(missing)}")
+    if not _well_formed(summary):
+        raise UserError(f"{path} is a damaged {summary['kind']} summary: its per-layer values are malformed")
     return summary
+
+
+def _well_formed(summary: dict) -> bool:
+    """Whether the arrays the figures draw have the shapes the figures need."""
+    def shaped(values, width: int) -> bool:
+        try:
+            array = np.asarray([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+        except (TypeError, ValueError):
+            return False
+        return array.ndim == 2 and array.shape[1] == width and array.shape[0] > 0
+
+    if summary["kind"] == "saliency":
+        return shaped(summary["props4all"], 3) and shaped(summary["props4img"], 2)
+    flows = summary["flows"]
+    return isinstance(flows, dict) and bool(flows) and all(
+        isinstance(rows, dict) and all(isinstance(rows.get(k), list) for k in ("start", "label_consistency",
+                                                                               "score_consistency"))
+        and shaped([rows["start"], rows["label_consistency"], rows["score_consistency"]], len(rows["start"]))
+        for rows in flows.values())
 
 
 def _save(fig: Figure, path: Path) -> None:

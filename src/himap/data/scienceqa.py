@@ -113,6 +113,8 @@ def make_prompt(question: Question, processor, conv_mode: str = "vicuna_v1", sin
     (``conv_mode="chat_template"``)."""
     if conv_mode != "chat_template":
         return build_prompt(question, conv_mode, single_pred_prompt)
+    if not (getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)):
+        raise UserError("the checkpoint has no chat template: use --conv-mode vicuna_v1 (LLaVA-1.5's prompt)")
     text = question.text + (f"\n{SINGLE_PRED_PROMPT}" if single_pred_prompt else "")
     content = ([{"type": "image"}] if question.image else []) + [{"type": "text", "text": text}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)

@@ -111,7 +111,9 @@ def run_disrupt(source: Source, output_dir: str | Path, cfg: DisruptConfig = Dis
     run = setup(source, output_dir, "run.json", settings, fresh=fresh,
                 files=("reference.jsonl", "disrupt.jsonl", "disrupt.json"))
     from ..models import decoder_layers
+    from .predict import check_room
 
+    check_room(cfg.max_new_tokens, run.model.config)
     n_layers = len(decoder_layers(run.model))
     refs, results = JsonlLog(run.out / "reference.jsonl"), JsonlLog(run.out / "disrupt.jsonl", key="key")
     planned = [(flow, span) for flow in cfg.flows for span in cfg.ranges(n_layers)]

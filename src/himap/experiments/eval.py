@@ -123,6 +123,7 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> dict:
     (checked before anything is written)."""
     from ..configs import image_tokens_for
     from ..loading import load_model, locate_model, read_config, resolve_device, resolve_dtype
+    from .predict import check_room
 
     cfg, accel = _accelerate(cfg)
     cfg = cfg.resolved(str(model.name_or_path) if model is not None else None)
@@ -130,6 +131,7 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> dict:
     dtype = model.dtype if model is not None else resolve_dtype(cfg.dtype, device)
     model_config = model.config if model is not None else read_config(locate_model(cfg.model_path))
     tc = model_config.get_text_config()
+    check_room(cfg.max_new_tokens, model_config)
     policy = cfg.resolve_policy(tc.num_hidden_layers, image_tokens_for(model_config))
     items = cfg.questions()
     run_dir = Path(cfg.output_dir or Path("runs") / Path(cfg.model_path).name / _policy_tag(policy))

@@ -39,6 +39,14 @@ def context_length(config) -> int | None:
     return getattr(text, "max_position_embeddings", None)
 
 
+def check_room(max_new_tokens: int, config) -> None:
+    """``max_new_tokens`` must leave room for a prompt in the model's context."""
+    ctx = context_length(config)
+    if ctx is not None and max_new_tokens >= ctx:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context "
+                        f"of {ctx} tokens")
+
+
 def _encode_fitting(processor, questions: list[Question], prompts: list[str], images: list, device,
                     budget: int | None) -> tuple[list[int], dict, list[dict]]:
     """Encode a batch; questions whose prompt is longer than ``budget`` tokens become error records and the
