@@ -10,8 +10,7 @@ import torch
 import himap
 from himap.data import synthetic
 from himap.data.demo import default_policies, ensure_demo
-from himap.data.scienceqa import Question, build_prompt, load_questions
-from himap.data.scienceqa import make_prompt
+from himap.data.scienceqa import Question, build_prompt, load_questions, make_prompt
 from himap.evaluation import image_token_count
 from himap.spans import find_spans
 
