@@ -3,7 +3,7 @@
 # vanilla-correct questions, swept over the first blocked layer, as the original src/HiMAP/validate/attn_disruption.sh
 # (which runs one flow and one layer per call).
 #
-#   bash scripts/attn_disruption.sh                  # the embedded demo (the trained organism)
+#   bash scripts/attn_disruption.sh                  # the embedded demo (the trained organism, 39 of its 40 questions)
 #   MODEL_PATH=llava-hf/llava-1.5-13b-hf DATA_DIR=data/scienceqa bash scripts/attn_disruption.sh
 #   ... bash scripts/attn_disruption.sh --isolate-modality img2txt --isolate-layer 5   # one run of the original
 #
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 
 if [ -z "${MODEL_PATH:-}" ]; then
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # a 128-wide model gains nothing from intra-op threads
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # a model this small gains nothing from intra-op threads
     source_args=()
     out_dir=${OUT_DIR:-runs/disrupt/demo}
 else
