@@ -3,7 +3,7 @@
 # vanilla-correct questions, swept over the first blocked layer, as the original src/HiMAP/validate/attn_disruption.sh
 # (which runs one flow and one layer per call).
 #
-#   bash scripts/attn_disruption.sh                  # the embedded demo (the trained organism, 39 of its 40 questions)
+#   bash scripts/attn_disruption.sh                  # the embedded demo (the trained organism, the questions it answers right)
 #   MODEL_PATH=llava-hf/llava-1.5-13b-hf DATA_DIR=data/scienceqa bash scripts/attn_disruption.sh
 #   ... bash scripts/attn_disruption.sh --isolate-modality img2txt --isolate-layer 5   # one run of the original
 #
