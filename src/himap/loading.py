@@ -139,13 +139,15 @@ def check_family(config, path: str) -> None:
 
 
 def load_model(path: str, *, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa",
-               device_map: str | None = None):
+               device_map: str | None = None, progress: bool = True):
     """``(model, processor)`` from a checkpoint folder or hub id, in eval mode, tokenizer padding on the left.
 
-    ``device_map="auto"`` shards the model over the visible GPUs with accelerate (``device`` is then ignored).
+    ``device_map="auto"`` shards the model over the visible GPUs with accelerate (``device`` is then ignored);
+    ``progress=False`` hides transformers' weight-loading bar.
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -153,6 +155,9 @@ def load_model(path: str, *, device: str = "auto", dtype: str = "auto", attn_imp
     read_config(path)
     _check_weights(path)
     processor = load_processor(path)
+    bar = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, device_map=device_map,
                                                             attn_implementation=attn_implementation)
@@ -160,6 +165,9 @@ def load_model(path: str, *, device: str = "auto", dtype: str = "auto", attn_imp
         raise UserError(f"cannot load the weights of {path}: {_first_line(err)}") from None
     except SafetensorError as err:
         raise UserError(f"the weights of {path} are damaged or truncated: {_first_line(err)}") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     if device_map is None:
         model.to(device)
     return model.eval(), processor

@@ -65,7 +65,7 @@ def run_vc(args: argparse.Namespace) -> int:
     source = config_from_args(Source, args).resolved()
     total = len(source.questions())         # a bad question file fails before the model loads
     model, processor = load_model(source.model_path, device=source.device, dtype=source.dtype,
-                                  attn_implementation=source.attn_implementation)
+                                  attn_implementation=source.attn_implementation, progress=args.progress)
     out = write_vanilla_correct(model, processor, source.question_file, source.image_folder, args.out,
                                 batch_size=args.batch_size, conv_mode=source.conv_mode,
                                 single_pred_prompt=source.single_pred_prompt, max_new_tokens=args.max_new_tokens,

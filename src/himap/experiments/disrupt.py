@@ -109,7 +109,7 @@ def run_disrupt(source: Source, output_dir: str | Path, cfg: DisruptConfig = Dis
     settings = {"command": "disrupt", "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens,
                 "use_cache": cfg.use_cache, "all_questions": cfg.all_questions}
     run = setup(source, output_dir, "run.json", settings, fresh=fresh,
-                files=("reference.jsonl", "disrupt.jsonl", "disrupt.json"))
+                files=("reference.jsonl", "disrupt.jsonl", "disrupt.json"), progress=show_progress)
     from ..models import decoder_layers
     from .predict import check_room
 

@@ -152,7 +152,7 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> dict:
     todo = results.todo(items, key=qid)
     if model is None and any(isinstance(q, Question) for q in todo):
         model, processor = load_model(cfg.model_path, device=device, dtype=cfg.dtype,
-                                      attn_implementation=cfg.attn_implementation)
+                                      attn_implementation=cfg.attn_implementation, progress=cfg.progress)
     _run(cfg, model, processor, policy, todo, results)
     pos = {qid(q): i for i, q in enumerate(items)}
     records = sorted((r for r in results.records() if r["id"] in pos), key=lambda r: pos[r["id"]])

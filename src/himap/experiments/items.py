@@ -49,7 +49,7 @@ def answer_token_id(tokenizer, prompt: str, letter: str) -> int:
 
 
 def setup(source: Source, output_dir: str | Path, meta_file: str, settings: dict, *, fresh: bool,
-          files: tuple[str, ...]) -> Setup:
+          files: tuple[str, ...], progress: bool = True) -> Setup:
     """Check everything a user gave (device, model folder, question file, run folder and its signature) before
     loading the model, then load it. ``settings``: the command's own settings that its records depend on."""
     from ..loading import load_model, locate_model, read_config, resolve_device, resolve_dtype
@@ -63,7 +63,7 @@ def setup(source: Source, output_dir: str | Path, meta_file: str, settings: dict
     out = open_run(output_dir, meta_file, signature, fresh=fresh, files=files,
                    extra={"command": settings.get("command")})
     model, processor = load_model(source.model_path, device=device, dtype=source.dtype,
-                                  attn_implementation=source.attn_implementation)
+                                  attn_implementation=source.attn_implementation, progress=progress)
     return Setup(source, out, questions, model, processor)
 
 

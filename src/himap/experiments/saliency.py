@@ -28,7 +28,7 @@ def run_saliency(source: Source, output_dir: str | Path, form: str = "attn_grad"
         raise UserError(f"unknown saliency form {form!r}; choose one of {', '.join(FORMS)}")
     stem = f"saliency-{form}"
     run = setup(source, output_dir, "run.json", {"command": "saliency", "form": form}, fresh=fresh,
-                files=(f"{stem}.jsonl", f"{stem}.safetensors", f"{stem}.json"))
+                files=(f"{stem}.jsonl", f"{stem}.safetensors", f"{stem}.json"), progress=show_progress)
     log = JsonlLog(run.out / f"{stem}.jsonl")
     tokenizer = run.processor.tokenizer
     for item in progress(read_items(run, log.done), len(run.questions) - len(log.done), f"saliency ({form})",
