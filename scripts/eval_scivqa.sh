@@ -26,7 +26,7 @@ if [ -z "${MODEL_PATH:-}" ]; then
     common=(--single-pred-prompt --conv-mode vicuna_v1 --max-new-tokens 4)
     budget_model=()
     run_dir="$OUT_DIR/demo"
-    "$PY" -m himap demo
+    "$PY" -m himap demo >&2
 else
     : "${DATA_DIR:?set DATA_DIR to the folder holding himap-inference-MCQ.json and images/test}"
     common=(--model-path "$MODEL_PATH" --question-file "$DATA_DIR/himap-inference-MCQ.json"
@@ -36,7 +36,7 @@ else
 fi
 target=()
 [ -n "${TOKENS:-}" ] && target=(--tokens "$TOKENS")
-"$PY" -m himap budget "${budget_model[@]}" "${target[@]}" >&2
+"$PY" -m himap budget "${budget_model[@]}" "${target[@]}"
 
 dirs=()
 for policy in $POLICIES; do
