@@ -5,7 +5,7 @@
 - :mod:`~himap.experiments.eval`, :mod:`~himap.experiments.predict`, :mod:`~himap.experiments.results`: the
   ScienceQA evaluation (``himap eval``, ``merge``, ``table``);
 - :mod:`~himap.experiments.saliency`, :mod:`~himap.experiments.disrupt`: the information-flow analyses
-  (``himap saliency``, ``himap disrupt``).
+  (``himap saliency``, ``himap disrupt``), one question at a time on :mod:`~himap.experiments.items`.
 
 The core (:mod:`himap.engine`, :mod:`himap.policies`, :mod:`himap.analysis` ...) never imports this package.
 """
