@@ -132,6 +132,8 @@ def test_long_prompts_and_empty_answers_are_error_records(env, demo, capsys):
     context = json.loads((Path(demo.model_dir) / "config.json").read_text())["text_config"]["max_position_embeddings"]
     records[0]["conversations"][0]["value"] += " red" * context              # longer than the context
     records[2]["conversations"][1]["value"] = " "
+    records.append({**records[3], "id": "no-text", "conversations": [{"from": "human", "value": None},
+                                                                     records[3]["conversations"][1]]})
     env["qfile"].write_text(json.dumps(records))
     out = env["tmp"] / "run"
     assert main(eval_argv(env, out, "--batch-size", "2")) == 0
@@ -139,7 +141,8 @@ def test_long_prompts_and_empty_answers_are_error_records(env, demo, capsys):
     assert errors[records[0]["id"]].startswith("prompt too long: ") and "context leaves" in errors[records[0]["id"]]
     assert "has an empty answer" in errors[records[2]["id"]]
     assert errors[records[1]["id"]] is None and errors[records[3]["id"]] is None   # its batch mate still ran
-    assert "2 of 4 question(s) ended in an error" in capsys.readouterr().err
+    assert "has no question text" in errors["no-text"]
+    assert "3 of 5 question(s) ended in an error" in capsys.readouterr().err
 
 
 def test_saliency_signature_retry_and_redisplay(env, capsys):

@@ -291,6 +291,9 @@ CASES = [
                                                           "--out", w.path("o")], 2, "answer 2 is not an index"),
     Case("data scienceqa --out is a file", lambda w: ["data", "scienceqa", "--source", w.official(), "--out",
                                                       w.file("o", "x")], 2, "is a file, not a folder"),
+    Case("data scienceqa corrupt parquet", lambda w: ["data", "scienceqa", "--source", w.file(
+        "pq/test-0.parquet", "garbage"), "--pid-splits", w.file("pq/pid_splits.json", '{"test": ["1"]}'), "--out",
+        w.path("o")], 2, "is not a readable parquet file"),
     Case("data vc --batch-size 0", lambda w: ["data", "vc", "--batch-size", "0", "--out", w.path("v.json")], 2,
          "--batch-size and --max-new-tokens must be >= 1"),
     Case("convert missing checkpoint", lambda w: ["convert", "--llava-path", w.path("n"), "--vision-path",

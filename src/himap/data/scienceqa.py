@@ -52,11 +52,16 @@ class Question:
         missing = [k for k in ("id", "conversations") if k not in record]
         if missing:
             raise UserError(f"record {record.get('id', '?')!r} lacks {', '.join(missing)}")
+        if isinstance(record["id"], bool) or not isinstance(record["id"], (str, int)) or str(record["id"]) == "":
+            raise UserError(f"record id must be a non-empty text or a number, got {record['id']!r}")
         turns = record["conversations"]
         if (not isinstance(turns, list) or len(turns) < 2 or not all(isinstance(t, dict) and "value" in t
                                                                         for t in turns[:2])):
             raise UserError(f"record {record['id']!r}: conversations must hold a human and a gpt turn")
-        text = str(turns[0]["value"]).replace(IMAGE_PLACEHOLDER, "").strip()
+        if not isinstance(turns[0]["value"], str) or not turns[0]["value"].replace(IMAGE_PLACEHOLDER, "").strip():
+            raise UserError(f"record {record['id']!r} has no question text (the human turn's value: "
+                            f"{turns[0]['value']!r})")
+        text = turns[0]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
         answer = turns[1]["value"]
         if not isinstance(answer, str) or not answer.strip():
             raise UserError(f"record {record['id']!r} has an empty answer (the gpt turn's value: {answer!r})")

@@ -149,11 +149,17 @@ def parquet_files(source: Path, split: str) -> list[Path]:
 
 def read_parquet(files: Iterable[str | Path], split: str, pid_splits: str | Path) -> Iterator[Problem]:
     """The problems of ``split`` from parquet mirror shards (in order); ids from ``pid_splits.json``."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     files = [Path(f) for f in files]
     pids = split_pids(Path(pid_splits), split)
-    readers = [pq.ParquetFile(f) for f in files]
+    readers = []
+    for f in files:
+        try:
+            readers.append(pq.ParquetFile(f))
+        except (pa.ArrowException, OSError) as err:
+            raise UserError(f"{f} is not a readable parquet file: {err}") from None
     for f, reader in zip(files, readers):
         missing = [c for c in PARQUET_COLUMNS if c not in reader.schema_arrow.names]
         if missing:
