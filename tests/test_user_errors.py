@@ -223,6 +223,10 @@ CASES = [
     Case("--limit not a number", lambda w: w.run("--limit", "ten"), 2, "invalid int value: 'ten'"),
     Case("resume with another policy", lambda w: w.run("--output-dir", w.finished_chunks()[0], "--num-chunks",
                                                        "1", "--use-hmap-v"), 2, "other settings (policy: "),
+    Case("demo into a file", lambda w: ["demo", "--cache-dir", w.file("cache", "x") + "/demo"], 2,
+         "cannot build the demo in"),
+    Case("demo cache unwritable", lambda w: ["eval", "--limit", "1"], 2, "cannot build the demo in",
+         env=(("HIMAP_CACHE", "/proc/no-cache"),)),
     # -- merge / table / plot -------------------------------------------------------------------------------
     Case("merge with a chunk missing", lambda w: ["merge", w.finished_chunks()[0], "--out", w.path("m")], 2,
          "missing chunk(s) 1"),

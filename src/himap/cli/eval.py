@@ -96,9 +96,9 @@ def run_table(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from ..data.demo import ensure_demo
+    from ..experiments.source import demo_files
 
-    demo = ensure_demo(args.cache_dir)
+    demo = demo_files(args.cache_dir)
     print(f"model_dir:     {demo.model_dir}\nquestion_file: {demo.question_file}\nimage_folder:  {demo.image_folder}")
     for name, policy in demo.policies.items():
         print(f"{name + ':':<14} {policy}")

@@ -66,9 +66,7 @@ class Source:
             return dataclasses.replace(self, model_path=model_name)
         if self.model_path is not None:
             return self
-        from ..data.demo import ensure_demo
-
-        demo = ensure_demo()
+        demo = demo_files()
         return dataclasses.replace(self, model_path=str(demo.model_dir),
                                    question_file=str(self.question_file or demo.question_file),
                                    image_folder=str(self.image_folder or demo.image_folder))
@@ -90,6 +88,18 @@ class Source:
                 "image_folder": str(Path(self.image_folder).resolve()), "conv_mode": self.conv_mode,
                 "single_pred_prompt": self.single_pred_prompt, "dtype": dtype.removeprefix("torch."),
                 "attn_implementation": self.attn_implementation}
+
+
+def demo_files(cache_dir: str | Path | None = None):
+    """The embedded demo (:func:`himap.data.demo.ensure_demo`), built on first use; a cache folder that cannot
+    be written (``--cache-dir``, ``$HIMAP_CACHE``) is one ``UserError``."""
+    from ..data.demo import ensure_demo
+
+    try:
+        return ensure_demo(cache_dir)
+    except OSError as err:
+        raise UserError(f"cannot build the demo in {err.filename or cache_dir}: {err.strerror or err} (set "
+                        f"--cache-dir or HIMAP_CACHE to a writable folder)") from None
 
 
 def file_sha256(path: str | Path) -> str:
