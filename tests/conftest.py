@@ -177,6 +177,13 @@ def dropped_from_kept(visual: torch.Tensor, layers: list[int], kept) -> dict[int
 # Brute-force kept sets, from eager ``output_attentions`` (head mean), per sample; and the budget rule.
 # ---------------------------------------------------------------------------------------------------------------
 
+def policy_stages(policy) -> list[tuple[int, int | float, str]]:
+    """(layer, budget, voting rows) per stage, read from the policy's own fields (HiMAP, FastV, RandomPrune)."""
+    if hasattr(policy, "k1"):
+        return [(policy.k1, policy.r1, "text"), (policy.k2, policy.r2, "image")]
+    return [(policy.k, policy.r, "last" if policy.name == "fastv" else "random")]
+
+
 def budget(r: int | float, n_img: int) -> int:
     """Image tokens a budget keeps of a sample with ``n_img`` visual tokens: a count, or a fraction of them."""
     return max(1, round(r * n_img)) if isinstance(r, float) else r
@@ -205,12 +212,9 @@ def brute_force_kept(model_eager, inputs: dict, visual: torch.Tensor, policy) ->
     rows and columns = the stage-1 survivors, summed over rows. FastV: layer k-1, the last position's row.
     Budgets are counts or fractions of the sample's original visual-token count."""
     real = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
-    if hasattr(policy, "k1"):
-        stages = [(policy.k1, policy.r1, "text"), (policy.k2, policy.r2, "image")]
-    else:
-        stages = [(policy.k, policy.r, "last")]
     kept, alive, dropped = [], visual.clone(), {}
-    for layer, r, query in stages:
+    for layer, r, query in policy_stages(policy):
+        assert query != "random", "a random draw has no brute force"
         attn = head_mean_attention(model_eager, inputs, layer - 1, dropped)     # (B, T, T)
         stage = []
         for b in range(visual.shape[0]):

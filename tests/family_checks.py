@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import families
 import himap
-from conftest import brute_force_kept, budget, dropped_from_kept, masked_reference, text_config
+from conftest import brute_force_kept, budget, dropped_from_kept, masked_reference, policy_stages, text_config
 from family_videos import image_and_video
 
 STEPS = 4           # the prefill's next token and 3 KV-cached greedy decode steps
@@ -43,7 +43,7 @@ def policies(n_img: int) -> list:
 
 
 def stage_layers(policy) -> list[int]:
-    return [policy.k1, policy.k2] if isinstance(policy, himap.HiMAP) else [policy.k]
+    return [layer for layer, _, _ in policy_stages(policy)]
 
 
 def generate(model, inputs: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -74,9 +74,7 @@ def assert_equals_masked_reference(name: str, model, inputs: dict, policy) -> No
             prefill = model(**inputs).logits[0]                       # (kept positions, V)
         tokens, logits = generate(model, inputs)
         kept = handle.kept
-    counts = [budget(s, int(vis.sum())) for s in ([policy.r1, policy.r2] if isinstance(policy, himap.HiMAP)
-                                                  else [policy.r])]
-    assert [len(k[0]) for k in kept_lists(kept)] == counts
+    assert [len(k[0]) for k in kept_lists(kept)] == [budget(r, int(vis.sum())) for _, r, _ in policy_stages(policy)]
     dropped = dropped_from_kept(vis, stage_layers(policy), kept_lists(kept))
     alive = ~torch.stack(list(dropped.values())).any(0)[0]          # (T,) positions still present at the end
     ref = masked_reference(model, inputs, dropped).logits[0]
