@@ -110,6 +110,28 @@ def test_profiler_ranges_and_public_queries(make_model):
     assert not himap.is_pruned(model)
 
 
+def test_no_host_sync_inside_the_engine_ranges(make_model):
+    """Scoring, selection and gathering queue device work only: no op that reads a value back to the host
+    (the prefill's one read of the layout happens before them, in the inputs hook)."""
+    model = make_model()
+    batch = left_pad_batch([make_inputs(model, seed=12), make_inputs(model, sys_len=3, txt_len=5, seed=13)])
+    for policy in (himap.HiMAP(k1=2, r1=0.5, k2=4, r2=0.125), himap.FastV(k=2, r=9), himap.RandomPrune(k=2, r=9)):
+        with himap.apply(model, policy), torch.profiler.profile() as prof:
+            model(**batch)
+        inside = [e.name for e in prof.events() if _under_range(e)]
+        assert inside and not {"aten::nonzero", "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero",
+                               "aten::masked_select"} & set(inside)
+
+
+def _under_range(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("himap."):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def test_family_registry(make_model):
     model = make_model()
     assert family_of(model).name == "LLaVA-1.5" and family_of(model.config) is family_of(model)
