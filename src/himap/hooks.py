@@ -1,12 +1,17 @@
 """The one mechanism through which himap sees and edits attention: pruning, saliency and knockout all use it.
 
-While any hook is attached, the language model's ``_attn_implementation`` is switched to a registered wrapper
+While any hook is attached, the decoder's ``_attn_implementation`` is switched to a registered wrapper
 (``"himap_" + the original``, e.g. ``himap_sdpa``) that calls the original implementation unchanged, except
-in layers that have hooks. Per layer, an :class:`AttentionHook` can
+in layers that have hooks. It works on every family of :mod:`himap.models` (each layer's attention module
+carries its ``layer_idx``, and gets the mask of its own kind: causal, sliding-window, bidirectional blocks).
+Only ``sdpa`` and ``eager`` are hooked: ``flash_attention_2`` takes no mask tensor and cannot be tested on a
+CPU, so it is refused in one line. Per layer, an :class:`AttentionHook` can
 
-- ``qk``      read the query/key states after RoPE and the mask as given (pruning scores: rows recomputed
-              from these, nothing else materialised),
-- ``block``   return a bool (B, 1, Q, K) tensor of edges to cut, applied to the mask before softmax (knockout),
+- ``qk``      read the query/key states after RoPE and the mask as given (pruning scores: a window of rows
+              recomputed from these, with a cached additive causal mask when none is given),
+- ``block``   return a bool (B, 1, Q, K) tensor of edges to cut, applied to the mask before softmax (knockout);
+              a query the cut leaves with no readable key (possible inside a sliding window) reads nothing:
+              its output and probabilities are 0,
 - ``pattern`` see, and replace, the post-softmax probabilities (B, H, Q, K); the layer then runs an eager
               attention so the probabilities are part of the autograd graph (saliency).
 Removing the last hook restores the original implementation name: the model is the stock model again.
