@@ -1,6 +1,7 @@
 """The model organism: the shipped trained tiny LLaVA answers from the image (checks a random model cannot pass),
 and the trainer learns and is reproducible."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,22 @@ def test_bad_config_is_one_clear_error():
         OrganismConfig(image_size=90)
     with pytest.raises(ValueError, match="unknown tasks"):
         OrganismConfig(tasks=("color", "smell"))
+
+
+def test_report_compares_the_methods_at_one_matched_budget(tmp_path):
+    """organism-report runs HiMAP, FastV and random at the same average image tokens per layer, recomputed here
+    from each run's recorded kept counts and its policy's layers."""
+    from himap.organism import organism_report
+
+    runs = organism_report(ORGANISM_DIR, tmp_path, n_questions=10, batch_size=10, progress=False)
+    n_layers = json.loads((ORGANISM_DIR / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    for name in ("himap", "fastv", "random"):
+        s = runs[name]
+        policy = s["config"]["policy"]
+        starts = [policy["k1"], policy["k2"]] if name == "himap" else [policy["k"]]
+        counts = [s["image_tokens"]["n_img"], *s["image_tokens"]["kept"]]
+        bounds = [0, *starts, n_layers]
+        mean = sum((bounds[i + 1] - bounds[i]) * counts[i] for i in range(len(counts))) / n_layers
+        assert mean == pytest.approx(runs["avg_tokens"][name])
+        assert abs(mean - runs["avg_tokens"]["himap"]) <= 1.0
+    assert runs["none"]["accuracy"]["strict"] > runs["img2txt_blocked"]["accuracy"]["strict"]
