@@ -39,7 +39,7 @@ from transformers.cache_utils import DynamicLayer
 
 from . import hooks
 from .errors import UserError
-from .models import decoder_layers, family_of, language_model, visual_token_ids
+from .models import decoder_layers, family_of, follow_kept_slots, language_model, visual_token_ids
 from .policies import Policy, Stage, check, random_kept
 from .spans import PAD, TXT, group_codes, on_model_inputs, visual_mask
 
@@ -66,7 +66,7 @@ class _Seq:
     valid: torch.Tensor | None     # (B, M) False for filler slots; None when there are none
     counts: list[int]              # visual tokens left per sample
     fillers: list[int]             # filler slots per sample
-    parent: "_Seq | None" = None   # the sequence this one was gathered from
+    parent: _Seq | None = None   # the sequence this one was gathered from
     groups: Callable[[], torch.Tensor] | None = None   # the prompt's group codes, computed when first needed
     memo: dict = field(default_factory=dict)   # (name, id(stock)) -> (stock, restricted)
     _codes: torch.Tensor | None = None
@@ -127,8 +127,9 @@ class Pruner:
             *(layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True)
               for i in range(first, len(layers))),
         ]
-        if family_of(model).deepstack:
-            self._handles.append(_DeepstackPatch(language_model(model), self))
+        patch = follow_kept_slots(model, self._running_slots)
+        if patch is not None:
+            self._handles.append(patch)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -137,11 +138,19 @@ class Pruner:
         self._handles = []
         _ACTIVE.pop(self.model, None)
 
-    def __enter__(self) -> "Pruner":
+    def __enter__(self) -> Pruner:
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+    def _running_slots(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(index, valid) of the pruned slots the running layer of a prefill works on; None when unpruned."""
+        ep = self._episode
+        if ep is None or not ep.prefill or not ep.current:
+            return None
+        seq = ep.seqs[ep.current]
+        return seq.index, seq.valid
 
     @property
     def kept(self) -> tuple:
@@ -407,35 +416,7 @@ class _Scorer(hooks.AttentionHook):
             self.pruner.resolve(stage, votes)
 
 
-class _DeepstackPatch:
-    """Qwen3-VL adds visual features into the hidden states of its first layers at the visual positions
-    (``_deepstack_process``, after each of those layers). Once a stage has pruned, those positions and features
-    must follow the kept slots: this wraps the method on the decoder instance until removed."""
-
-    def __init__(self, lm: nn.Module, pruner: Pruner):
-        self.lm, self.pruner, self.stock = lm, pruner, lm._deepstack_process
-        lm._deepstack_process = self
-
-    def __call__(self, hidden: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor):
-        ep = self.pruner._episode
-        if ep is not None and ep.prefill and ep.current:     # the layer that just ran worked on pruned slots
-            seq = ep.seqs[ep.current]
-            with _range("himap.gather"):
-                masks = visual_pos_masks.to(seq.index.device)                     # (B, N) bool
-                rank = (masks.flatten().long().cumsum(0) - 1).view_as(masks)      # row of each in visual_embeds
-                kept = masks.gather(1, seq.index)
-                if seq.valid is not None:
-                    kept &= seq.valid
-                visual_embeds = visual_embeds[rank.gather(1, seq.index)[kept].to(visual_embeds.device)]
-                visual_pos_masks = kept
-        return self.stock(hidden, visual_pos_masks, visual_embeds)
-
-    def remove(self) -> None:
-        if self.lm.__dict__.get("_deepstack_process") is self:
-            del self.lm._deepstack_process
-
-
-_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Pruner]" = weakref.WeakKeyDictionary()
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, Pruner] = weakref.WeakKeyDictionary()
 
 
 def active(model: nn.Module) -> Pruner | None:

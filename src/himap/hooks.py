@@ -51,7 +51,7 @@ class AttentionHook:
         return None
 
 
-_HOOKS: "weakref.WeakKeyDictionary[nn.Module, list[AttentionHook]]" = weakref.WeakKeyDictionary()
+_HOOKS: weakref.WeakKeyDictionary[nn.Module, list[AttentionHook]] = weakref.WeakKeyDictionary()
 
 
 def inner_implementation(config) -> str:

@@ -15,8 +15,10 @@ RoPE, and the mask it receives is the one for its own layer type (Gemma 3 builds
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .errors import UserError
@@ -113,3 +115,40 @@ def visual_token_ids(config) -> tuple[int, ...]:
     config = _config(config)
     ids = (getattr(config, name, None) for name in family_of(config).visual_ids)
     return tuple(int(i) for i in ids if i is not None)
+
+
+Slots = Callable[[], "tuple[torch.Tensor, torch.Tensor | None] | None"]
+
+
+def follow_kept_slots(model: nn.Module, slots: Slots):
+    """For a family with a per-layer input tied to positions, a removable patch that makes it follow the pruned
+    slots (``slots()`` gives the (B, M) original positions and the filler mask of the layer that just ran, or None
+    before pruning); None for the other families."""
+    return _Deepstack(language_model(model), slots) if family_of(model).deepstack else None
+
+
+class _Deepstack:
+    """Qwen3-VL adds visual features into the hidden states of its first layers at the visual positions
+    (``_deepstack_process``, after each of those layers). Once a stage has pruned, the positions and the features
+    must be those of the kept slots: this wraps the method on the decoder instance until removed."""
+
+    def __init__(self, lm: nn.Module, slots: Slots):
+        self.lm, self.slots, self.stock = lm, slots, lm._deepstack_process
+        lm._deepstack_process = self
+
+    def __call__(self, hidden: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor):
+        slots = self.slots()
+        if slots is not None:
+            index, valid = slots                                                  # (B, M) each
+            masks = visual_pos_masks.to(index.device)                             # (B, N) bool
+            rank = (masks.flatten().long().cumsum(0) - 1).view_as(masks)          # row of each in visual_embeds
+            kept = masks.gather(1, index)
+            if valid is not None:
+                kept &= valid
+            visual_embeds = visual_embeds[rank.gather(1, index)[kept].to(visual_embeds.device)]
+            visual_pos_masks = kept
+        return self.stock(hidden, visual_pos_masks, visual_embeds)
+
+    def remove(self) -> None:
+        if self.lm.__dict__.get("_deepstack_process") is self:
+            del self.lm._deepstack_process
