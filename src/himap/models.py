@@ -96,8 +96,6 @@ def inputs_module(model: nn.Module) -> nn.Module:
     return model if hasattr(model, family.language_attr) else model.model
 
 
-multimodal_model = inputs_module   # the former name, still used by the lmms-eval plugin
-
 
 def language_model(model: nn.Module) -> nn.Module:
     """The decoder (a ``LlamaModel``, ``Qwen2_5_VLTextModel``, ``Gemma3TextModel``, ...)."""
