@@ -1,5 +1,11 @@
+import sys
+from contextlib import contextmanager
+
 import pytest
 import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from himap.configs import random_llava, tiny_config
 
@@ -81,13 +87,6 @@ def no_grad():
 # wraps the stock one (sdpa or eager) and, in decoder layers >= K, sets the dropped key columns of the stock mask
 # to the mask's minimum (a dropped query still sees itself, so no row is empty; its output reaches no kept token).
 # ---------------------------------------------------------------------------------------------------------------
-
-import sys  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-
-from transformers import AttentionInterface  # noqa: E402
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface  # noqa: E402
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 _MASKED_PREFIX = "masked_reference_"
 _DROPPED: dict[int, torch.Tensor] = {}   # decoder layer -> (B, T) bool key positions masked out in that layer
