@@ -10,28 +10,59 @@ i.e. ``sum_l T_l / L``. Vanilla LLaVA-1.5 has ``T = 576``; the field's "64 / 128
 The **FLOPs ratio** is :func:`himap.flops.prefill_flops_for`'s ``flops_kept`` (FastV's per-layer count
 ``4nd^2 + 2n^2d + 2ndm`` summed over layers, pruned / vanilla, whole sequence), the number ``himap flops`` prints.
 
-Each method has one free budget, an image-token count; everything else is the method's published setting:
+Each method has one free budget; everything else is the method's published setting (:data:`RULES`, one entry
+per method, the only place a method joins the solver):
 
 - ``himap``: K1 and K2 from :func:`himap.policies.defaults` (the paper's, scaled to the decoder), R2 = R1 / 4 (the
   paper's 72 / 288), rounded, at least 1; R1 is solved;
 - ``fastv`` and ``random``: K from :func:`himap.policies.defaults` (FastV's K = 2); R is solved.
 
-Both metrics grow monotonically with the budget, so the solver tries every count from 1 to ``n_img`` and keeps the
-one closest to the target; for ``T`` one more token of budget moves ``T`` by at most one, so a reachable target is
-met within one token (within half a token where the step is below one).
+Both metrics grow monotonically with the budget, so the solver tries every count from 1 to ``n_img`` (a ratio
+budget: every ratio ``c / n_img``) and keeps the one closest to the target; for ``T`` one more token of budget moves
+``T`` by at most one, so a reachable target is met within one token (within half a token where the step is below
+one).
+
+What a run *actually* ran at is computed from its records (:func:`measured`): each sample's own image-token count
+and the counts its stages kept, not the nominal setting.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 from .errors import UserError
-from .policies import FastV, HiMAP, Policy, RandomPrune, check, defaults
+from .policies import POLICIES, Policy, check, defaults, from_params
 
 HIMAP_R2_PER_R1 = 0.25       # the paper's R2 / R1 = 72 / 288
-METHODS = ("himap", "fastv", "random")
-SETTINGS = {"himap": ("k1", "k2", "ratio"), "fastv": ("k",), "random": ("k", "seed")}   # what a caller may fix
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one method meets a budget. ``free`` is the policy field solved for: an image-token count, or with
+    ``ratio`` a fraction ``c / n_img``; ``fixed`` are the fields held at :func:`himap.policies.defaults` unless a
+    caller sets them; ``knobs`` are the rule's own settings (with defaults) and ``tied`` derives further fields
+    from the free count ``c`` and the settings."""
+
+    free: str
+    fixed: tuple[str, ...] = ()
+    knobs: dict = field(default_factory=dict)
+    tied: Callable[[int, dict], dict] | None = None
+    ratio: bool = False
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        """What a caller may fix."""
+        return (*self.fixed, *self.knobs)
+
+
+RULES: dict[str, Rule] = {
+    "himap": Rule("r1", ("k1", "k2"), {"ratio": HIMAP_R2_PER_R1},
+                  lambda r1, s: {"r2": max(1, round(r1 * s["ratio"]))}),
+    "fastv": Rule("r", ("k",)),
+    "random": Rule("r", ("k", "seed")),
+}
+METHODS = tuple(m for m in RULES if m in POLICIES)      # every registered policy that has a rule
 
 
 @dataclass(frozen=True)
@@ -64,21 +95,24 @@ def flops_kept(policy: Policy | None, text_config, n_img: int, n_text: int) -> f
     return prefill_flops_for(text_config, n_img=n_img, n_text=n_text, policy=policy).flops_kept
 
 
-def family(method: str, n_layers: int, **fixed) -> Callable[[int], Policy]:
-    """``budget -> policy`` for ``method`` with its other settings fixed (given in ``fixed`` or the defaults)."""
+def family(method: str, n_layers: int, n_img: int, **fixed) -> Callable[[int], Policy]:
+    """``c -> policy`` for ``method`` with free budget ``c`` in ``1..n_img`` and its other settings fixed (given in
+    ``fixed`` or the defaults)."""
     if method not in METHODS:
         raise UserError(f"no budget rule for method {method!r}; choose one of {', '.join(METHODS)}")
+    rule = RULES[method]
     given = {k: v for k, v in fixed.items() if v is not None}
-    if unknown := sorted(set(given) - set(SETTINGS[method])):
-        raise UserError(f"{method}'s budget rule fixes {', '.join(SETTINGS[method])}; got {', '.join(unknown)}")
-    base = {**defaults(method, n_layers), **given}
-    if method == "himap":
-        ratio = base.pop("ratio", HIMAP_R2_PER_R1)
-        k1, k2 = base["k1"], base["k2"]
-        return lambda r1: HiMAP(k1=k1, r1=r1, k2=k2, r2=max(1, round(r1 * ratio)))
-    if method == "fastv":
-        return lambda r: FastV(k=base["k"], r=r)
-    return lambda r: RandomPrune(k=base["k"], r=r, seed=base.get("seed", 0))
+    if unknown := sorted(set(given) - set(rule.settings)):
+        raise UserError(f"{method}'s budget rule fixes {', '.join(rule.settings)}; got {', '.join(unknown)}")
+    base = defaults(method, n_layers)
+    settings = {**rule.knobs, **{k: base[k] for k in rule.fixed}, **given}
+    held = {k: settings[k] for k in rule.fixed}
+
+    def make(c: int) -> Policy:
+        tied = rule.tied(c, settings) if rule.tied else {}
+        return from_params(method, {**held, rule.free: c / n_img if rule.ratio else c, **tied}, n_layers=n_layers)
+
+    return make
 
 
 def solve(method: str, *, n_layers: int, n_img: int, tokens: float | None = None, flops: float | None = None,
@@ -86,13 +120,14 @@ def solve(method: str, *, n_layers: int, n_img: int, tokens: float | None = None
     """The settings of ``method`` whose average image tokens per layer is closest to ``tokens``, or whose FLOPs
     ratio is closest to ``flops`` (needs ``text_config`` and ``n_text``, the non-image tokens of the prompt).
 
-    ``fixed`` overrides the method's other settings (``k1``, ``k2``, ``ratio`` for HiMAP; ``k``, ``seed``)."""
+    ``fixed`` overrides the method's other settings (:attr:`Rule.settings`: ``k1``, ``k2``, ``ratio`` for HiMAP;
+    ``k``, ``seed``)."""
     if (tokens is None) == (flops is None):
         raise UserError("give exactly one target: an average number of image tokens per layer or a FLOPs ratio")
     with_flops = text_config is not None and n_text is not None
     if flops is not None and not with_flops:
         raise UserError("a FLOPs-ratio target needs the decoder's shape and the prompt's non-image token count")
-    make = family(method, n_layers, **fixed)
+    make = family(method, n_layers, n_img, **fixed)
     check(make(n_img), n_layers, n_img)         # the fixed layers fit this decoder
     if tokens is not None:
         metric, target = (lambda p: average_tokens(p, n_layers, n_img)), float(tokens)
@@ -118,3 +153,42 @@ def _slack(tokens: float | None) -> float:
 def match(methods: Sequence[str], **target) -> dict[str, Matched]:
     """:func:`solve` for each of ``methods`` at the same target (same keyword arguments)."""
     return {m: solve(m, **target) for m in methods}
+
+
+def layers_of(policy: Policy | None, n_img: int, n_layers: int, kept: Sequence[int]) -> list[int]:
+    """Image tokens present in each decoder layer for one sample with ``n_img`` image tokens whose stages kept
+    ``kept`` (a count per stage, as a run records them; empty: nothing was pruned)."""
+    if not kept:
+        return [n_img] * n_layers
+    stages = policy.stages if policy is not None else ()
+    if len(kept) != len(stages):
+        raise ValueError(f"{len(kept)} kept counts for a policy of {len(stages)} stage(s)")
+    at = {s.layer: k for s, k in zip(stages, kept)}
+    out, present = [], n_img
+    for layer in range(n_layers):
+        present = min(present, at.get(layer, present))
+        out.append(present)
+    return out
+
+
+def measured(records: Iterable[dict], policy: Policy | None, text_config) -> dict | None:
+    """What a run actually ran at, from its records (each with its own ``n_img``, ``n_text`` and the ``kept``
+    count of every stage): ``avg_tokens``, the mean over samples of ``T``; ``flops_kept``, the decoder prefill
+    FLOPs the run spent over those vanilla spends on the same prompts (FastV's count); ``image_work_kept``; ``n``,
+    the samples counted. Records with an error or no image are left out; None when none is left."""
+    from .flops import layer_flops
+
+    n_layers, d, m = text_config.num_hidden_layers, text_config.hidden_size, text_config.intermediate_size
+    n = tokens = work = all_work = pruned = vanilla = 0     # image-token x layer work and FLOPs: run totals
+    for r in records:
+        if r.get("error") or not r.get("n_img"):
+            continue
+        per_layer = layers_of(policy, r["n_img"], n_layers, r.get("kept") or ())
+        n += 1
+        tokens += sum(per_layer) / n_layers
+        work, all_work = work + sum(per_layer), all_work + n_layers * r["n_img"]
+        vanilla += n_layers * layer_flops(r["n_text"] + r["n_img"], d, m)
+        pruned += sum(layer_flops(r["n_text"] + t, d, m) for t in per_layer)
+    if not n:
+        return None
+    return {"avg_tokens": tokens / n, "flops_kept": pruned / vanilla, "image_work_kept": work / all_work, "n": n}

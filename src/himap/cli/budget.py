@@ -10,21 +10,25 @@ DEFAULT_TEXT_TOKENS = 95
 
 def register(sub) -> None:
     p = sub.add_parser("budget", help="each method's settings at a matched budget",
-                       description="Solves HiMAP's R1 (K1, K2 and R2 = R1/4 as in the paper) and FastV's / random's "
-                                   "R (at K = 2) so that every method keeps the same average number of image tokens "
-                                   "per decoder layer, T = sum_i (L_i - L_{i-1}) * T_i / L, or the same prefill FLOPs "
-                                   "ratio (FastV's count, as 'himap flops'). See docs/budgets.md.")
+                       description="Solves each method's free budget (HiMAP's R1 with K1, K2 and R2 = R1/4 as in the "
+                                   "paper; FastV's / random's R at K = 2; see docs/budgets.md for every method) so "
+                                   "that every method keeps the same average number of image tokens per decoder "
+                                   "layer, T = sum_i (L_i - L_{i-1}) * T_i / L, or the same prefill FLOPs ratio "
+                                   "(FastV's count, as 'himap flops').")
     p.add_argument("--model-path", help="checkpoint folder, config.json or preset (default: the embedded demo)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--tokens", type=float, help="average image tokens per decoder layer (default: what the "
                                                      "paper's HiMAP setting, scaled to the model, keeps)")
     target.add_argument("--flops", type=float, help="whole-sequence prefill FLOPs kept, a ratio in (0, 1]")
-    p.add_argument("--methods", nargs="+", help="himap, fastv, random (default: all)")
+    p.add_argument("--methods", nargs="+", help="methods with a budget rule (default: all of them)")
     p.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS,
                    help=f"non-image tokens of the prompt, for the FLOPs ratio (default {DEFAULT_TEXT_TOKENS}: "
                         "LLaVA-1.5's 35 system tokens and a 60-token question)")
-    p.add_argument("--eval-flags", metavar="METHOD",
-                   help="print only the 'himap eval' flags of METHOD's solved settings (for scripts)")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--eval-flags", metavar="METHOD",
+                      help="print only the 'himap eval' flags of METHOD's solved settings (for scripts)")
+    only.add_argument("--model-args", metavar="METHOD",
+                      help="print only METHOD's solved settings as lmms-eval --model_args (policy=...,k=...)")
     p.set_defaults(run=run)
 
 
@@ -51,6 +55,13 @@ def eval_flags(policy) -> list[str]:
     return ["--policy", params.pop("name"), *[x for k, v in params.items() for x in (f"--{k}", str(v))]]
 
 
+def model_args(policy) -> str:
+    """``policy=NAME,field=value,...`` for the lmms-eval plugin's ``--model_args`` (``policy=none``: vanilla)."""
+    from ..policies import to_params
+
+    return ",".join(f"{'policy' if k == 'name' else k}={v}" for k, v in to_params(policy).items())
+
+
 def run(args: argparse.Namespace) -> int:
     from ..budget import METHODS, average_tokens, match
     from ..policies import from_params
@@ -60,10 +71,12 @@ def run(args: argparse.Namespace) -> int:
     target = {"flops": args.flops} if args.flops is not None else {
         "tokens": args.tokens if args.tokens is not None else
         average_tokens(from_params("himap", n_layers=n_layers, n_img=n_img), n_layers, n_img)}
-    methods = [args.eval_flags] if args.eval_flags else args.methods or list(METHODS)
+    only = args.eval_flags or args.model_args
+    methods = [only] if only else args.methods or list(METHODS)
     solved = match(methods, n_layers=n_layers, n_img=n_img, text_config=text, n_text=args.text_tokens, **target)
-    if args.eval_flags:
-        print(" ".join(eval_flags(solved[args.eval_flags].policy)))
+    if only:
+        policy = solved[only].policy
+        print(" ".join(eval_flags(policy)) if args.eval_flags else model_args(policy))
         return 0
     goal = (f"FLOPs ratio {args.flops:g}" if args.flops is not None else
             f"{target['tokens']:.2f} image tokens per layer on average")
