@@ -157,3 +157,41 @@ def plot_file(result: str | Path, out_dir: str | Path | None = None) -> list[Pat
     if summary["kind"] == "saliency":
         return plot_saliency(summary, out_dir, stem=result.stem)
     return [plot_disruption(summary, out_dir / f"{result.stem}.png")]
+
+
+def plot_sweep(results: dict, out_dir: str | Path) -> list[Path]:
+    """The two figures of a sweep's ``results.json`` (:mod:`himap.experiments.sweep`): accuracy against the
+    FLOPs ratio each cell ran at (``sweep-accuracy-flops.png``) and against its measured mean prefill time
+    (``sweep-accuracy-prefill.png``); one line per method, vanilla as a horizontal reference line."""
+    out_dir = make_dir(out_dir)
+    return [_sweep_figure(results, "flops_kept", "Decoder prefill FLOPs kept (FastV's count)",
+                          out_dir / "sweep-accuracy-flops.png"),
+            _sweep_figure(results, "prefill_ms", "Measured prefill per question (ms)",
+                          out_dir / "sweep-accuracy-prefill.png")]
+
+
+def _sweep_figure(results: dict, x_key: str, x_label: str, path: Path) -> Path:
+    fig = Figure(figsize=(7.0, 4.6), dpi=150)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    rows = results["rows"]
+    vanilla = next(r for r in rows if r["method"] == "none")
+    markers = "osD^vx*P"
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
+    for i, method in enumerate(methods):
+        points = sorted((r[x_key], 100 * r["accuracy"]) for r in rows
+                        if r["method"] == method and r[x_key] is not None and r["accuracy"] is not None)
+        if points:
+            ax.plot(*zip(*points), marker=markers[i % len(markers)], linewidth=1.8, label=method)
+    if vanilla["accuracy"] is not None:
+        ax.axhline(100 * vanilla["accuracy"], color="black", linestyle="--", linewidth=1.2, label="vanilla")
+    ax.set_xlabel(x_label, fontsize=12)
+    ax.set_ylabel("Accuracy (%)", fontsize=12)
+    unit = "average image tokens per layer" if results["unit"] == "tokens" else "FLOPs ratio"
+    ax.set_title(textwrap.fill(f"{Path(str(results['model'])).name}: {vanilla['n']} questions, budgets matched "
+                               f"by {unit}", 70), fontsize=12)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=10, frameon=False)
+    fig.tight_layout()
+    _save(fig, path)
+    return path
