@@ -116,11 +116,12 @@ def _accelerate(cfg: EvalConfig) -> tuple[EvalConfig, object | None]:
                                device=str(state.device), progress=cfg.progress and state.is_main_process), state
 
 
-def evaluate(cfg: EvalConfig, model=None, processor=None) -> dict:
+def evaluate(cfg: EvalConfig, model=None, processor=None, policy: policies.Policy | None = None) -> dict:
     """Run (or resume) an evaluation and return its summary; files are written as described in the module doc.
 
     ``model``/``processor`` may be given already loaded; otherwise they are loaded from ``cfg.model_path``
-    (checked before anything is written)."""
+    (checked before anything is written). ``policy``, a policy object of any registered kind, replaces the one
+    ``cfg``'s policy fields name."""
     from ..configs import image_tokens_for
     from ..loading import load_model, locate_model, read_config, resolve_device, resolve_dtype
     from .predict import check_room
@@ -132,7 +133,10 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> dict:
     model_config = model.config if model is not None else read_config(locate_model(cfg.model_path))
     tc = model_config.get_text_config()
     check_room(cfg.max_new_tokens, model_config)
-    policy = cfg.resolve_policy(tc.num_hidden_layers, image_tokens_for(model_config))
+    if policy is None:
+        policy = cfg.resolve_policy(tc.num_hidden_layers, image_tokens_for(model_config))
+    else:
+        policies.check(policy, tc.num_hidden_layers, image_tokens_for(model_config))
     items = cfg.questions()
     run_dir = Path(cfg.output_dir or Path("runs") / Path(cfg.model_path).name / _policy_tag(policy))
     pred_path, summary_path, config_path = cfg.files(run_dir)
