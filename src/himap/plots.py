@@ -188,7 +188,7 @@ def _sweep_figure(results: dict, x_key: str, x_label: str, path: Path) -> Path:
     ax.set_xlabel(x_label, fontsize=12)
     ax.set_ylabel("Accuracy (%)", fontsize=12)
     unit = "average image tokens per layer" if results["unit"] == "tokens" else "FLOPs ratio"
-    ax.set_title(textwrap.fill(f"{Path(str(results['model'])).name}: {vanilla['n']} questions, budgets matched "
+    ax.set_title(textwrap.fill(f"{results.get('label') or results['model']}: {vanilla['n']} questions, budgets matched "
                                f"by {unit}", 70), fontsize=12)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=10, frameon=False)

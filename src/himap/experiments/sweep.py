@@ -123,6 +123,7 @@ def sweep(cfg: SweepConfig, model=None, processor=None) -> dict | None:
     from ..configs import image_tokens_for
     from ..loading import load_model, load_processor, locate_model, read_config
 
+    label = cfg.model_path or (model.name_or_path if model is not None else "the demo model")
     cfg = cfg.resolved(str(model.name_or_path) if model is not None else None)
     config = model.config if model is not None else read_config(locate_model(cfg.model_path))
     n_img = image_tokens_for(config)
@@ -133,7 +134,7 @@ def sweep(cfg: SweepConfig, model=None, processor=None) -> dict | None:
         processor = processor or load_processor(locate_model(cfg.model_path))
         n_text = cfg.text_tokens or mean_text_tokens(cfg, processor, config.image_token_id)
     folder = cfg.folder()
-    the_plan = plan(cfg, config.get_text_config(), n_img, n_text)
+    the_plan = {**plan(cfg, config.get_text_config(), n_img, n_text), "label": str(label)}
     if int(os.environ.get("RANK", "0")) == 0:
         write_json(folder / PLAN, the_plan)
     cells = [(cell, _cell_config(cfg, cell, folder)) for cell in the_plan["cells"]]
@@ -187,8 +188,8 @@ def report(folder: str | Path) -> dict:
     vanilla = rows[0]["accuracy"]
     for row in rows:
         row["of_vanilla"] = row["accuracy"] / vanilla if vanilla else None
-    results = {"kind": "sweep", **{k: the_plan[k] for k in ("unit", "model", "question_file", "n_layers", "n_img",
-                                                            "n_text", "unreachable")},
+    results = {"kind": "sweep", **{k: the_plan.get(k) for k in ("unit", "label", "model", "question_file",
+                                                                "n_layers", "n_img", "n_text", "unreachable")},
                "rows": rows}
     write_json(folder / RESULTS, results)
     write_text(folder / "results.md", format_markdown(results))
@@ -203,7 +204,8 @@ def format_markdown(results: dict) -> str:
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    lines = [f"Sweep on {results['model']}: {results['rows'][0]['n']} questions of {results['question_file']}, "
+    lines = [f"Sweep on {results['label']}: {results['rows'][0]['n']} questions of "
+             f"{Path(results['question_file']).name}, "
              f"{results['n_layers']} decoder layers, {results['n_img']} image tokens; target = {unit}.", "",
              "| method | target | settings | accuracy | % of vanilla | prefill ms | FLOPs kept | avg tokens | errors |",
              "|---|---|---|---|---|---|---|---|---|"]
