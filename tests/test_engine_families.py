@@ -142,6 +142,13 @@ def test_family_registry(make_model):
     assert len({f.name for f in supported_families()}) == len(supported_families())
 
 
+def test_static_cache_is_refused(make_model):
+    model = make_model()
+    with himap.apply(model, himap.FastV(k=2, r=9)):
+        with pytest.raises(UserError, match="dynamic KV cache"):
+            model.generate(**make_inputs(model), max_new_tokens=2, cache_implementation="static")
+
+
 def test_flash_attention_is_refused(make_model):
     model = make_model()
     config = model.model.language_model.config

@@ -264,6 +264,7 @@ class Pruner:
                 if len(ep.seqs) == s + 1 and stage.query == "random":
                     with _range("himap.score"):
                         self.resolve(stage, None)
+                _cache_layer(kwargs, layer_idx)
                 with _range("himap.gather"):
                     args = self._gather_hidden(ep.seqs[s + 1].local, args, kwargs)
                     kwargs.update(self._restricted(ep, s + 1, layer_idx, args, kwargs))
@@ -364,9 +365,7 @@ def _as_mask(allowed: torch.Tensor, sdpa: bool, hidden: torch.Tensor) -> torch.T
 def _decode_mask(ep: _Episode, seq: _Seq, s: int, layer_idx: int, hidden: torch.Tensor, kwargs: dict):
     """The mask of a KV-cached step in a pruned layer, from the original positions of the cached keys: they are
     the kept prompt slots then the decoded tokens, of which a sliding-window cache holds the last ones."""
-    layer = kwargs.get("cache", kwargs.get("past_key_values")).layers[layer_idx]
-    if not isinstance(layer, DynamicLayer):
-        raise UserError(f"himap prunes with a dynamic KV cache; got a {type(layer).__name__}")
+    layer = _cache_layer(kwargs, layer_idx)
     window = layer.sliding_window if getattr(layer, "is_sliding", False) else None
     q_len, past = hidden.shape[1], layer.keys.shape[-2]                       # past: before this step's keys
     key = (s, window, past)
@@ -376,6 +375,17 @@ def _decode_mask(ep: _Episode, seq: _Seq, s: int, layer_idx: int, hidden: torch.
         ep.step_memo[key] = None if simple else _as_mask(_decode_allowed(ep, seq, past + q_len, q_len, window),
                                                          ep.sdpa, hidden)
     return ep.step_memo[key]
+
+
+def _cache_layer(kwargs: dict, layer_idx: int) -> DynamicLayer | None:
+    """The layer's KV cache (None without a cache); pruned layers hold fewer entries, so only a dynamic one."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return None
+    layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
+    if layer is not None and not isinstance(layer, DynamicLayer):
+        raise UserError(f"himap prunes with a dynamic KV cache (generate's default); got a {type(layer).__name__}")
+    return layer
 
 
 def _decode_allowed(ep: _Episode, seq: _Seq, n_keys: int, q_len: int, window: int | None) -> torch.Tensor:
@@ -405,6 +415,9 @@ class _Scorer(hooks.AttentionHook):
         ep = self.pruner._episode
         if ep is None or not ep.prefill or len(ep.seqs) != self.stage_idx + 1:
             return
+        if key.shape[2] != ep.seqs[-1].width:    # a prefill's keys are its own tokens, unless the cache is static
+            raise UserError(f"himap prunes with a dynamic KV cache (generate's default); layer "
+                            f"{module.layer_idx} saw {key.shape[2]} keys for {ep.seqs[-1].width} tokens")
         with _range("himap.score"):
             stage = self.pruner.stages[self.stage_idx]
             lo, hi, weight = self.pruner.rows(stage)
