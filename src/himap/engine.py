@@ -39,7 +39,7 @@ from transformers.cache_utils import DynamicLayer
 
 from . import hooks
 from .errors import UserError
-from .models import decoder_layers, family_of, follow_kept_slots, language_model, visual_token_ids
+from .models import decoder_layers, follow_kept_slots, language_model, visual_token_ids
 from .policies import Policy, Stage, check, random_kept
 from .spans import PAD, TXT, group_codes, on_model_inputs, visual_mask
 
@@ -108,7 +108,6 @@ class Pruner:
     samples keep different numbers."""
 
     def __init__(self, model: nn.Module, policy: Policy):
-        family_of(model)
         layers = decoder_layers(model)
         self.model, self.policy, self.stages = model, policy, policy.stages
         self._n_layers, self._text_config = len(layers), language_model(model).config
