@@ -6,11 +6,12 @@ import json
 
 import pytest
 
-from himap.budget import METHODS, average_tokens, match, solve
+from himap.budget import METHODS, average_tokens, match, measured, solve
 from himap.cli import main
 from himap.configs import preset_config
 from himap.errors import UserError
-from himap.policies import FastV, HiMAP, RandomPrune
+from himap.flops import prefill_flops_for
+from himap.policies import FastV, HiMAP, RandomPrune, to_params
 
 SHAPES = [(8, 144), (12, 36), (32, 576), (40, 576)]       # (decoder layers, image tokens)
 
@@ -121,3 +122,48 @@ def test_budget_command_prints_eval_flags_and_defaults_to_the_paper_setting(caps
     assert "cannot reach" in capsys.readouterr().err
     assert main(["budget", "--model-path", "llava-1.5-7b", "--eval-flags", "pdrop"]) == 2
     assert "no budget rule for method 'pdrop'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_meets_the_fields_budgets_and_prices_like_himap_flops(method, capsys):
+    """LLaVA-1.5-7B at the field's 64 / 128 / 192 tokens: within one token, and the FLOPs ratio the solver
+    reports is the one ``himap flops`` prints for the solved settings."""
+    text = preset_config("llava-1.5-7b").text_config
+    for target in (64, 128, 192):
+        got = solve(method, n_layers=32, n_img=576, tokens=target, text_config=text, n_text=35 + 60)
+        assert abs(got.avg_tokens - target) <= 1
+        assert got.avg_tokens == pytest.approx(_segments_mean(got.policy, 32, 576))
+        params = {k: v for k, v in to_params(got.policy).items() if k not in ("name", "seed")}
+        assert main(["flops", "--model", "llava-1.5-7b", "--policy", method, "--text-tokens", "60", "--json",
+                     *[x for k, v in params.items() for x in (f"--{k}", str(v))]]) == 0
+        assert json.loads(capsys.readouterr().out)["rows"][0]["flops_kept"] == pytest.approx(got.flops_kept)
+
+
+def test_measured_takes_each_samples_own_counts():
+    """A run's average tokens and FLOPs ratio come from every record's own image-token count, prompt length and
+    kept counts (ragged fractions, a sample that kept fewer than nominal), not from the nominal setting."""
+    text = preset_config("llava-1.5-7b").text_config
+    policy = HiMAP(2, 0.5, 8, 0.125)
+    shapes = [(576, 95), (144, 60), (300, 130)]                       # (n_img, n_text) per sample
+    records = [{"n_img": n, "n_text": t, "kept": [s.count(n) for s in policy.stages], "error": None}
+               for n, t in shapes]
+    records.append({"n_img": 576, "n_text": 80, "kept": [200, 40], "error": None})        # kept fewer
+    records += [{"n_img": 0, "n_text": 50, "kept": [], "error": None},                     # no image: left out
+                {"n_img": None, "n_text": None, "kept": [], "error": "image not found"}]
+    ran = measured(records, policy, text)
+    fewer = HiMAP(2, 200, 8, 40)
+    nominal = [(policy, n, t) for n, t in shapes] + [(fewer, 576, 80)]
+    assert ran["n"] == 4
+    assert ran["avg_tokens"] == pytest.approx(sum(average_tokens(p, 32, n) for p, n, _ in nominal) / 4)
+    reports = [prefill_flops_for(text, n_img=n, n_text=t, policy=p) for p, n, t in nominal]
+    assert ran["flops_kept"] == pytest.approx(sum(r.pruned for r in reports) / sum(r.vanilla for r in reports))
+    vanilla = measured([{**r, "kept": []} for r in records], None, text)
+    assert vanilla["flops_kept"] == 1.0 and vanilla["avg_tokens"] == pytest.approx((576 + 144 + 300 + 576) / 4)
+    assert measured(records[-2:], policy, text) is None
+
+
+def test_budget_command_prints_lmms_eval_model_args(capsys):
+    assert main(["budget", "--model-path", "llava-1.5-7b", "--tokens", "144", "--model-args", "fastv"]) == 0
+    assert capsys.readouterr().out.strip() == "policy=fastv,k=2,r=115"
+    assert main(["budget", "--model-path", "llava-1.5-7b", "--model-args", "himap"]) == 0
+    assert capsys.readouterr().out.strip() == "policy=himap,k1=2,r1=288,k2=8,r2=72"
