@@ -16,9 +16,9 @@ import sys
 
 # command -> the module under himap.cli that registers it; the order of the groups is the help's order
 COMMANDS = {"eval": "eval", "merge": "eval", "table": "eval", "demo": "eval", "flops": "costs",
-            "budget": "budget", "sweep": "sweep", "sweep-report": "sweep", "convert": "convert", "data": "data", "saliency": "analysis",
-            "disrupt": "analysis", "plot": "analysis", "bench": "bench", "train-organism": "organism",
-            "organism-report": "organism"}
+            "budget": "budget", "sweep": "sweep", "sweep-report": "sweep", "convert": "convert", "data": "data",
+            "saliency": "analysis", "disrupt": "analysis", "plot": "analysis", "bench": "bench",
+            "train-organism": "organism", "organism-report": "organism"}
 GROUPS = tuple(dict.fromkeys(COMMANDS.values()))
 
 

@@ -160,10 +160,11 @@ def generate_batch(model, processor, batch: Batch, *, pruner=None, max_new_token
     total = time.perf_counter() - start
     texts = processor.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     spans = find_spans(ids, visual_token_ids(model.config), batch.inputs.get("attention_mask"))
-    kept = [int(k.shape[1]) for k in pruner.kept] if pruner is not None else []
+    stages = pruner.kept if pruner is not None else ()      # per stage: (B, r) or a list of (r_b,) when ragged
     b = len(batch.questions)
     records = []
-    for q, text, sp, top5 in zip(batch.questions, texts, spans, clock.top5):
+    for i, (q, text, sp, top5) in enumerate(zip(batch.questions, texts, spans, clock.top5)):
+        kept = [int(k[i].numel()) for k in stages]           # this sample's own counts
         r = {"id": q.id, "output": text.strip(), **score(text, q), "answer": q.answer, "n_img": sp.n_img,
              "n_sys": sp.sys.numel(), "n_text": sp.sys.numel() + sp.txt.numel(), "kept": kept,
              "prefill_s": (clock.time - start) / b, "total_s": total / b, "batch": b, "top5": top5, "error": None}

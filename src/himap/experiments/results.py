@@ -61,6 +61,7 @@ def _stats(values: list[float]) -> dict:
 def summarize(records: Sequence[dict], *, config: dict, device: str | None = None) -> dict:
     """The run's summary from its records and its resolved ``config`` (which holds the policy and the decoder
     shape ``model_shape``); ``device`` names where the latencies were measured. Errors count as wrong answers."""
+    from ..budget import measured
     from ..flops import prefill_flops_for
 
     ok = [r for r in records if not r.get("error")]
@@ -79,8 +80,9 @@ def summarize(records: Sequence[dict], *, config: dict, device: str | None = Non
     if with_img and config.get("model_shape"):
         n_text = round(statistics.fmean(r["n_text"] for r in with_img))
         params = dict(config["policy"])
-        report = prefill_flops_for(SimpleNamespace(**config["model_shape"]), n_img=with_img[0]["n_img"],
-                                   n_text=n_text, policy=from_params(params.pop("name"), params))
+        policy, shape = from_params(params.pop("name"), params), SimpleNamespace(**config["model_shape"])
+        report = prefill_flops_for(shape, n_img=with_img[0]["n_img"], n_text=n_text, policy=policy)
+        summary["ran_at"] = measured(with_img, policy, shape)   # per sample: its own counts, not the nominal ones
         summary["flops"] = {
             "image_work_kept": report.image_work_kept, "flops_kept": report.flops_kept,
             "vanilla": report.vanilla, "pruned": report.pruned, "n_text_mean": n_text,
