@@ -161,7 +161,7 @@ def _row(cell: dict, run: Path, shape) -> dict:
     return {"cell": cell["cell"], "method": cell["method"], "target": cell["target"], "settings": params,
             "n": summary["n"], "n_errors": summary["n_errors"], "accuracy": summary["accuracy"]["strict"],
             "accuracy_lenient": summary["accuracy"]["lenient"],
-            "prefill_ms": _ms(summary["latency"]["prefill_s"]["mean"]), "device": summary["latency"]["device"],
+            "prefill_ms": _ms(summary["latency"]["prefill_s"]["median"]), "device": summary["latency"]["device"],
             "avg_tokens": ran.get("avg_tokens"), "flops_kept": ran.get("flops_kept")}
 
 
@@ -215,7 +215,7 @@ def format_markdown(results: dict) -> str:
                      f"{f(r['of_vanilla'], '.1%')} | {f(r['prefill_ms'], '.1f')} | {f(r['flops_kept'], '.1%')} | "
                      f"{f(r['avg_tokens'], '.1f')} | {r['n_errors']} |")
     lines += ["", "FLOPs kept: decoder prefill, FastV's 4nd^2 + 2n^2d + 2ndm per layer, over the prompts actually run; "
-              "avg tokens: T = sum_i (L_i - L_(i-1)) T_i / L per sample, averaged (docs/budgets.md). Prefill ms: mean "
+              "avg tokens: T = sum_i (L_i - L_(i-1)) T_i / L per sample, averaged (docs/budgets.md). Prefill ms: median "
               f"per question, vision tower included, measured on {results['rows'][0]['device']}."]
     lines += [f"Unreachable: {u['method']} at {u['target']:g}: {u['reason']}" for u in results["unreachable"]]
     return "\n".join(lines) + "\n"
