@@ -179,12 +179,15 @@ def _sweep_figure(results: dict, x_key: str, x_label: str, path: Path) -> Path:
     markers = "osD^vx*P"
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
     for i, method in enumerate(methods):
-        points = sorted((r[x_key], 100 * r["accuracy"]) for r in rows
-                        if r["method"] == method and r[x_key] is not None and r["accuracy"] is not None)
-        if points:
-            ax.plot(*zip(*points), marker=markers[i % len(markers)], linewidth=1.8, label=method)
+        cells = sorted((r for r in rows if r["method"] == method and r[x_key] is not None
+                        and r["accuracy"] is not None), key=lambda r: r["target"])   # joined in budget order
+        if cells:
+            ax.plot([r[x_key] for r in cells], [100 * r["accuracy"] for r in cells],
+                    marker=markers[i % len(markers)], linewidth=1.8, label=method)
     if vanilla["accuracy"] is not None:
         ax.axhline(100 * vanilla["accuracy"], color="black", linestyle="--", linewidth=1.2, label="vanilla")
+        if vanilla[x_key] is not None:
+            ax.plot([vanilla[x_key]], [100 * vanilla["accuracy"]], marker="*", markersize=11, color="black")
     ax.set_xlabel(x_label, fontsize=12)
     ax.set_ylabel("Accuracy (%)", fontsize=12)
     unit = "average image tokens per layer" if results["unit"] == "tokens" else "FLOPs ratio"
