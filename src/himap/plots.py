@@ -161,8 +161,8 @@ def plot_file(result: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
 def plot_sweep(results: dict, out_dir: str | Path) -> list[Path]:
     """The two figures of a sweep's ``results.json`` (:mod:`himap.experiments.sweep`): accuracy against the
-    FLOPs ratio each cell ran at (``sweep-accuracy-flops.png``) and against its measured mean prefill time
-    (``sweep-accuracy-prefill.png``, the median per question); one line per method, vanilla as a horizontal reference line."""
+    FLOPs ratio each cell ran at (``sweep-accuracy-flops.png``) and against its measured prefill time, the median
+    per question (``sweep-accuracy-prefill.png``); one line per method, vanilla as a horizontal reference line."""
     out_dir = make_dir(out_dir)
     return [_sweep_figure(results, "flops_kept", "Decoder prefill FLOPs kept (FastV's count)",
                           out_dir / "sweep-accuracy-flops.png"),

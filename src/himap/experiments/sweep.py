@@ -214,8 +214,8 @@ def format_markdown(results: dict) -> str:
         lines.append(f"| {r['method']} | {f(r['target'], 'g')} | {settings} | {f(r['accuracy'], '.1%')} | "
                      f"{f(r['of_vanilla'], '.1%')} | {f(r['prefill_ms'], '.1f')} | {f(r['flops_kept'], '.1%')} | "
                      f"{f(r['avg_tokens'], '.1f')} | {r['n_errors']} |")
-    lines += ["", "FLOPs kept: decoder prefill, FastV's 4nd^2 + 2n^2d + 2ndm per layer, over the prompts actually run; "
-              "avg tokens: T = sum_i (L_i - L_(i-1)) T_i / L per sample, averaged (docs/budgets.md). Prefill ms: median "
-              f"per question, vision tower included, measured on {results['rows'][0]['device']}."]
+    lines += ["", "FLOPs kept: decoder prefill, FastV's 4nd^2 + 2n^2d + 2ndm per layer, over the prompts actually "
+              "run; avg tokens: T = sum_i (L_i - L_(i-1)) T_i / L per sample, averaged (docs/budgets.md). Prefill ms: "
+              f"median per question, vision tower included, measured on {results['rows'][0]['device']}."]
     lines += [f"Unreachable: {u['method']} at {u['target']:g}: {u['reason']}" for u in results["unreachable"]]
     return "\n".join(lines) + "\n"
