@@ -112,7 +112,7 @@ def test_bad_input(make_model):
     with pytest.raises(ValueError, match="2 labels for a batch of 1"):
         himap.saliency(model, inputs, [1, 2])
     no_image = {"input_ids": inputs["input_ids"][:, :5]}
-    with pytest.raises(ValueError, match="no image tokens"):
+    with pytest.raises(ValueError, match="no visual tokens"):
         himap.saliency(model, no_image, [1])
     with himap.apply(model, himap.FastV(k=2, r=9)), pytest.raises(ValueError, match="pruned"):
         himap.saliency(model, inputs, [1])
