@@ -65,6 +65,8 @@ def test_cells_run_at_their_matched_budget(uninterrupted, demo_model):
                    for r in records]
         assert row["flops_kept"] == pytest.approx(sum(x.pruned for x in reports) / sum(x.vanilla for x in reports))
         assert row["of_vanilla"] == pytest.approx(row["accuracy"] / results["rows"][0]["accuracy"])
+        ran_at = json.loads((out / "cells" / row["cell"] / "summary.json").read_text())["ran_at"]
+        assert (ran_at["avg_tokens"], ran_at["flops_kept"]) == (row["avg_tokens"], row["flops_kept"])
     assert "| fastv | 72 | k=2 r=" in (out / "results.md").read_text()
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
 
