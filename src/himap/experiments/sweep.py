@@ -51,8 +51,8 @@ class SweepConfig(Source):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("methods", "tokens", "flops"):
-            object.__setattr__(self, name, tuple(getattr(self, name) or ()))
+        for name in ("methods", "tokens", "flops"):       # lists from the command line; a repeat is one cell
+            object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name) or ())))
         if bool(self.tokens) == bool(self.flops):
             raise UserError("give the targets as --tokens (average image tokens per layer) or --flops (FLOPs "
                             "ratios), one of the two")
