@@ -167,3 +167,15 @@ def test_budget_command_prints_lmms_eval_model_args(capsys):
     assert capsys.readouterr().out.strip() == "policy=fastv,k=2,r=115"
     assert main(["budget", "--model-path", "llava-1.5-7b", "--model-args", "himap"]) == 0
     assert capsys.readouterr().out.strip() == "policy=himap,k1=2,r1=288,k2=8,r2=72"
+
+
+def test_a_rule_whose_free_budget_is_a_ratio(monkeypatch):
+    """A method whose free budget is a fraction of the image tokens is solved over c / n_img and lands on the same
+    token counts as its count form (``Stage.count`` rounds the fraction back to c)."""
+    from himap import budget
+
+    by_count = solve("fastv", n_layers=32, n_img=576, tokens=128)
+    monkeypatch.setitem(budget.RULES, "fastv", budget.Rule("r", ("k",), ratio=True))
+    by_ratio = solve("fastv", n_layers=32, n_img=576, tokens=128)
+    assert by_ratio.policy == FastV(2, by_count.policy.r / 576)
+    assert by_ratio.tokens_per_layer == by_count.tokens_per_layer
