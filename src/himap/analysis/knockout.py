@@ -82,7 +82,7 @@ class Knockout(hooks.AttentionHook):
             handle.remove()
         self._handles = []
 
-    def __enter__(self) -> "Knockout":
+    def __enter__(self) -> Knockout:
         return self
 
     def __exit__(self, *exc) -> None:
