@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Literal
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 Query = Literal["text", "image", "last", "random"]
 Budget = int | float
@@ -229,12 +230,9 @@ def _class(name: str) -> type:
     return POLICIES[name]
 
 
-def top_kept(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Indices of the ``keep`` highest ``scores`` (1-D), returned in ascending (original) order."""
-    return torch.topk(scores, keep).indices.sort().values
-
-
 def random_kept(n: int, keep: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """``keep`` of ``range(n)`` drawn with a generator seeded by ``seed``, ascending."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=gen)[:keep].sort().values.to(device)
