@@ -57,7 +57,7 @@ def left_pad_batch(items, pad_id=0):
 def demo(tmp_path_factory):
     """The embedded demo (tiny LLaVA checkpoint + 40 synthetic questions), built once per session in a temp
     cache (``ensure_demo(root)``; ``HIMAP_CACHE=root.parent`` finds the same build)."""
-    from himap.data.demo import ensure_demo
+    from himap.demo import ensure_demo
 
     return ensure_demo(tmp_path_factory.mktemp("himap-cache") / "demo")
 

@@ -25,7 +25,7 @@ LLAMA_GGUF = ROOT.parent / "shared" / "data" / "tokenizers" / "llama-spm.gguf"
 
 @pytest.fixture(scope="module")
 def demo_env(tmp_path_factory):
-    from himap.data.demo import ensure_demo
+    from himap.demo import ensure_demo
 
     cache = tmp_path_factory.mktemp("himap-cache")
     demo = ensure_demo(cache / "demo")

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 import himap
-from himap.data import synthetic
-from himap.data.demo import default_policies, ensure_demo
 from himap.data.scienceqa import Question, build_prompt, load_questions, make_prompt
+from himap.demo import ensure_demo, synthetic
 from himap.evaluation import image_token_count
+from himap.policies import defaults
 from himap.spans import find_spans
 
 EXPECTED_PROMPT = (
@@ -85,10 +85,11 @@ def test_demo_questions_and_images(demo):
 
 
 def test_default_policies_keep_the_paper_ratios(demo):
-    assert demo.himap == himap.HiMAP(k1=2, r1=72, k2=3, r2=18)  # 8 layers, 144 image tokens
-    assert demo.fastv == himap.FastV(k=2, r=72)
-    assert default_policies(32, 576)["himap"] == himap.HiMAP(k1=2, r1=288, k2=8, r2=72)  # LLaVA-1.5-7B
-    assert default_policies(40, 576)["himap"] == himap.HiMAP(k1=2, r1=288, k2=8, r2=72)  # LLaVA-1.5-13B shipped
+    counts = lambda policy, n_img: [(s.layer, s.count(n_img)) for s in policy.stages]  # noqa: E731
+    assert counts(demo.himap, 144) == [(2, 72), (3, 18)]  # 8 layers, 144 image tokens
+    assert counts(demo.fastv, 144) == [(2, 72)]
+    for n_layers in (32, 40):  # LLaVA-1.5-7B, and the shipped 13B setting
+        assert counts(himap.HiMAP(**defaults("himap", n_layers)), 576) == [(2, 288), (8, 72)]
 
 
 def test_synthetic_is_seeded_and_splits_differ(tmp_path):
@@ -147,5 +148,6 @@ def test_cli_demo_prints_paths(demo, capsys, monkeypatch):
     monkeypatch.setenv("HIMAP_CACHE", str(demo.model_dir.parent.parent.parent))
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
-    assert str(demo.model_dir) in out and str(demo.question_file) in out and "HiMAP(k1=2, r1=72" in out
+    assert str(demo.model_dir) in out and str(demo.question_file) in out
+    assert "HiMAP(k1=2, r1=0.5, k2=3, r2=0.125)" in out
     assert Path(os.environ["HIMAP_CACHE"]) / "demo" == demo.model_dir.parent.parent

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import himap
-from himap.data.demo import ORGANISM_DIR, default_policies, ensure_demo
 from himap.data.scienceqa import load_questions
+from himap.demo import ORGANISM_DIR, ensure_demo
+from himap.demo.organism import OrganismConfig, answer_loss, build_organism, encode_items, save_organism, train_organism
 from himap.errors import UserError
 from himap.evaluation import image_token_count, predict
-from himap.organism import OrganismConfig, answer_loss, build_organism, encode_items, save_organism, train_organism
 from himap.results import option_letters
 
 N_SLICE = 40
@@ -43,8 +43,9 @@ def test_demo_uses_the_shipped_organism(organism):
     model, _, _, demo = organism
     shipped = {p.name: p.read_bytes() for p in ORGANISM_DIR.glob("*.safetensors")}
     assert shipped and all((demo.model_dir / name).read_bytes() == data for name, data in shipped.items())
-    n_img = image_token_count(model.config)
-    assert demo.policies == default_policies(model.config.text_config.num_hidden_layers, n_img)
+    n_layers = model.config.text_config.num_hidden_layers
+    assert demo.policies == {name: himap.policies.from_params(name, None, n_layers=n_layers)
+                             for name in ("himap", "fastv", "random")}
 
 
 def test_vanilla_answers_the_held_out_slice(organism):
@@ -80,7 +81,7 @@ TINY = dict(layers=2, hidden=32, heads=2, vision_hidden=32, vision_layers=2, ima
 
 
 def test_training_lowers_the_answer_loss_and_is_reproducible(tmp_path):
-    from himap.data.synthetic import generate
+    from himap.demo.synthetic import generate
     from himap.loading import load_model
 
     config = OrganismConfig(**TINY)
@@ -103,7 +104,7 @@ def test_training_lowers_the_answer_loss_and_is_reproducible(tmp_path):
 def test_a_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """Interrupt a run after 7 steps (the state is saved after every step), rerun it: the resumed run ends with
     the weights, step count and validation history of an uninterrupted run."""
-    import himap.organism as organism
+    import himap.demo.organism as organism
 
     config = OrganismConfig(**{**TINY, "eval_every": 5})
     whole, _, whole_report = train_organism(config, progress=False)
@@ -140,7 +141,7 @@ def test_bad_config_is_one_clear_error():
 def test_report_compares_the_methods_at_one_matched_budget(tmp_path):
     """organism-report runs HiMAP, FastV and random at the same average image tokens per layer, recomputed here
     from each run's recorded kept counts and its policy's layers."""
-    from himap.organism import organism_report
+    from himap.demo.organism import organism_report
 
     runs = organism_report(ORGANISM_DIR, tmp_path, n_questions=10, batch_size=10, progress=False)
     n_layers = json.loads((ORGANISM_DIR / "config.json").read_text())["text_config"]["num_hidden_layers"]

@@ -126,7 +126,7 @@ def _tokenizer(llava_path: Path):
     """The checkpoint's tokenizer with ``<image>`` and ``<pad>`` added as llava-hf does, and the chat template."""
     from transformers import AutoTokenizer
 
-    from .data.demo import CHAT_TEMPLATE
+    from .demo import CHAT_TEMPLATE
 
     if (llava_path / "tokenizer.model").is_file() and not (llava_path / "tokenizer.json").is_file():
         import importlib.util

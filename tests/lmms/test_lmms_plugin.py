@@ -23,9 +23,9 @@ from lmms_eval.tasks import TaskManager  # noqa: E402
 
 import himap  # noqa: E402
 from himap import HiMAP, apply  # noqa: E402
-from himap.data.demo import ensure_demo  # noqa: E402
 from himap.data.scienceqa import SINGLE_PRED_PROMPT  # noqa: E402
-from himap.data.synthetic import generate  # noqa: E402
+from himap.demo import ensure_demo  # noqa: E402
+from himap.demo.synthetic import generate  # noqa: E402
 from himap.flops import prefill_flops_for  # noqa: E402
 
 TASK, N_ITEMS, MAX_NEW_TOKENS = "himap_sqa_img_local", 4, 8

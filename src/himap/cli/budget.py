@@ -37,7 +37,7 @@ def _shape(model_path: str | None):
     from ..errors import UserError
 
     if model_path is None:
-        from ..data.demo import ensure_demo
+        from ..demo import ensure_demo
 
         model_path = str(ensure_demo().model_dir)
     shape = read_model_config(model_path)

@@ -100,6 +100,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     demo = demo_files(args.cache_dir)
     print(f"model_dir:     {demo.model_dir}\nquestion_file: {demo.question_file}\nimage_folder:  {demo.image_folder}")
+    print("default policies (the paper's settings scaled to the demo; budgets are fractions of its image tokens;"
+          " 'himap budget' matches them):")
     for name, policy in demo.policies.items():
-        print(f"{name + ':':<14} {policy}")
+        print(f"  {name + ':':<12} {policy}")
     return 0

@@ -12,7 +12,7 @@ def _tasks(text: str) -> tuple[str, ...]:
 
 
 def register(sub) -> None:
-    from ..organism import OrganismConfig
+    from ..demo.recipe import OrganismConfig
 
     p = sub.add_parser("train-organism", help="train a tiny LLaVA whose answers depend on the image (CPU)",
                        description="Trains a LLaVA-architecture model from scratch on seeded synthetic visual "
@@ -21,7 +21,7 @@ def register(sub) -> None:
                                    "Resumable: rerun the same command after a kill and it continues from the "
                                    "last saved state in the output folder. "
                                    "The shipped demo model is this command's default output.")
-    p.add_argument("--output-dir", required=True, help="checkpoint folder (src/himap/data/organism to replace "
+    p.add_argument("--output-dir", required=True, help="checkpoint folder (src/himap/demo/weights to replace "
                                                        "the shipped model)")
     p.add_argument("--save-every-minutes", type=float, default=5.0,
                    help="how often the training state is saved into the output folder; a run that finds a saved "
@@ -56,7 +56,7 @@ def register(sub) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from ..organism import STATE_FILE, OrganismConfig, save_organism, train_organism
+    from ..demo.organism import STATE_FILE, OrganismConfig, save_organism, train_organism
 
     logging.basicConfig(level=logging.WARNING)
     config = OrganismConfig(**{f.name: getattr(args, f.name) for f in fields(OrganismConfig)})
@@ -70,8 +70,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from ..data.demo import ORGANISM_DIR
-    from ..organism import organism_report
+    from ..demo import ORGANISM_DIR
+    from ..demo.organism import organism_report
 
     runs = organism_report(args.model_path or ORGANISM_DIR, args.output_dir, n_questions=args.n_questions,
                            batch_size=args.batch_size, tokens=args.tokens, progress=args.progress)

@@ -91,9 +91,9 @@ class Source:
 
 
 def demo_files(cache_dir: str | Path | None = None):
-    """The embedded demo (:func:`himap.data.demo.ensure_demo`), built on first use; a cache folder that cannot
+    """The embedded demo (:func:`himap.demo.ensure_demo`), built on first use; a cache folder that cannot
     be written (``--cache-dir``, ``$HIMAP_CACHE``) is one ``UserError``."""
-    from ..data.demo import ensure_demo
+    from ..demo import ensure_demo
 
     try:
         return ensure_demo(cache_dir)

@@ -17,7 +17,6 @@ vocabulary is deliberately small: :func:`corpus` is what the demo tokenizer is t
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from ..io import write_question_file
 
 COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 190), "orange": (245, 130, 20)}
@@ -72,7 +73,8 @@ class Item:
         return LETTERS[self.answer]
 
     def human_turn(self) -> str:
-        """The human turn exactly as ScienceQA's himap files write it (NOTES.md §5)."""
+        """The human turn exactly as ScienceQA's himap question files write it: ``<image>``, an optional
+        ``Context:`` line, the question, then one ``A. choice`` line per option (see :mod:`himap.data.scienceqa`)."""
         lines = ["<image>"] + ([f"Context: {self.context}"] if self.context else []) + [self.question]
         lines += [f"{LETTERS[i]}. {c}" for i, c in enumerate(self.choices)]
         return "\n".join(lines)
@@ -238,8 +240,7 @@ def write_questions(out_dir: str | Path, n: int, split: str = "test", seed: int 
         item.render(image_size).save(path)
         records.append(item.record())
     question_file = out_dir / f"{split}.json"
-    question_file.write_text(json.dumps(records, indent=2, ensure_ascii=False), encoding="utf-8")
-    return question_file
+    return write_question_file(records, question_file)
 
 
 def corpus() -> list[str]:

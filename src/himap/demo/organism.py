@@ -3,15 +3,15 @@
 The default shape is in the regime pruning papers study: 8 decoder layers and 144 image tokens (168 px images,
 patch 14), so that shallow layers can move the image into the text while deep layers keep few image tokens.
 The architecture is the demo's (CLIP-style vision tower, 2-layer GELU projector, LLaMA decoder, the offline BPE
-tokenizer and ``LlavaProcessor`` of :mod:`himap.data.demo`, the vicuna_v1 prompt), trained on the synthetic
-questions of :mod:`himap.data.synthetic`. Each training sequence is the exact evaluation prompt followed by the
+tokenizer and ``LlavaProcessor`` of :mod:`himap.demo`, the vicuna_v1 prompt), trained on the synthetic
+questions of :mod:`himap.demo.synthetic`. Each training sequence is the exact evaluation prompt followed by the
 answer letter; the loss is on the letter (the token after "ASSISTANT:") and on the ``</s>`` that follows it, so
 that greedy generation answers "B" and stops, as the eval scores it.
 
 Two training-only auxiliary losses help the model learn to see: a linear probe (not saved) on the last prompt
 position predicts the answer *word* ("red", "left", ...), so the vision path gets a direct signal, and a small
 next-token loss on the prompt text. By default each task lists the same options in the same order
-(``fixed_options``, see :func:`himap.data.synthetic.generate`), so the letter is a function of the image alone:
+(``fixed_options``, see :func:`himap.demo.synthetic.generate`), so the letter is a function of the image alone:
 with shuffled options the model must also find the option line that names what it sees, and within this CPU
 budget it did not (runs with the letter loss alone, and with the auxiliary losses, stayed at chance for 450 and
 600 steps). Blocking image-to-text attention still drops it to chance: the answer needs the image.
@@ -28,82 +28,25 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .data.scienceqa import Question, build_prompt
-from .data.synthetic import COLORS, FIXED_OPTIONS, NUMBERS, REGIONS, SHAPES, TASKS, Item, generate
-from .errors import UserError
+from ..data.scienceqa import Question, build_prompt
+from ..errors import UserError
+from ..io import write_json
+from .recipe import ANSWER_WORDS, ORGANISM_TASKS, OrganismConfig, TrainReport  # noqa: F401  (re-exported)
+from .synthetic import Item, generate
 
 log = logging.getLogger(__name__)
-
-ORGANISM_TASKS = ("color", "shape", "position")
-ANSWER_WORDS = (*COLORS, *SHAPES, *REGIONS, *NUMBERS, "yes", "no")     # targets of the auxiliary word probe
-
-
-@dataclass(frozen=True)
-class OrganismConfig:
-    """Model shape and training recipe. The image-token count is ``(image_size / patch_size) ** 2``."""
-
-    layers: int = 8
-    hidden: int = 96
-    heads: int = 4
-    vision_hidden: int = 64
-    vision_layers: int = 3          # the projector reads the second-to-last layer, as LLaVA does
-    image_size: int = 168
-    patch_size: int = 14
-    tasks: tuple[str, ...] = ORGANISM_TASKS
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup: int = 50
-    max_steps: int = 3000
-    eval_every: int = 150
-    n_val: int = 300
-    fixed_options: bool = True      # each task lists the same options in the same order (see synthetic.generate)
-    target: float = 0.97
-    word_weight: float = 1.0        # auxiliary answer-word probe (training only)
-    lm_weight: float = 0.1          # auxiliary next-token loss on the prompt text
-    max_minutes: float = 90.0
-    seed: int = 0
-    threads: int = 1
-
-    def __post_init__(self):
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
-        if unknown := [t for t in self.tasks if t not in TASKS]:
-            raise ValueError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
-        if self.fixed_options and (bad := [t for t in self.tasks if t not in FIXED_OPTIONS]):
-            raise ValueError(f"tasks {bad} have no fixed option list; choose from {', '.join(FIXED_OPTIONS)}")
-        if self.vision_layers < 2:
-            raise ValueError("vision_layers must be >= 2 (the projector reads the second-to-last layer)")
-        for name in ("batch_size", "max_steps", "eval_every", "n_val", "layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    @property
-    def n_img(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-
-@dataclass
-class TrainReport:
-    steps: int = 0
-    seconds: float = 0.0
-    val_accuracy: float = 0.0
-    history: list[dict] = field(default_factory=list)   # {"step", "loss", "val_accuracy", "seconds"}
-
 
 def build_organism(config: OrganismConfig):
     """``(model, processor)``: an untrained LLaVA of ``config``'s shape with the demo tokenizer and processor."""
     from transformers import LlavaForConditionalGeneration
 
-    from .data.demo import build_model, build_processor
+    from . import build_model, build_processor
 
     processor = build_processor(image_size=config.image_size, patch_size=config.patch_size)
     shell = build_model(processor.tokenizer, layers=config.layers, hidden=config.hidden, heads=config.heads,
@@ -306,7 +249,6 @@ def _validate(model, val: Sequence[dict], report: TrainReport, running: float, b
 def save_organism(model, processor, out_dir: str | Path, config: OrganismConfig, report: TrainReport,
                   dtype: torch.dtype = torch.float32) -> Path:
     """Save a llava-hf checkpoint (safetensors + tokenizer + processor) and ``training.json`` into ``out_dir``."""
-    import json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -314,7 +256,7 @@ def save_organism(model, processor, out_dir: str | Path, config: OrganismConfig,
     processor.save_pretrained(out_dir)
     info = {"config": {**asdict(config), "tasks": list(config.tasks)}, "report": asdict(report),
             "torch": torch.__version__}
-    (out_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / "training.json", info)
     return out_dir
 
 
@@ -330,15 +272,15 @@ def organism_report(model_dir: str | Path, out_dir: str | Path, *, n_questions: 
     import json
     from dataclasses import replace
 
-    from .analysis.knockout import knockout
-    from .budget import METHODS, average_tokens, match
-    from .data.demo import _organism_shape
-    from .data.synthetic import write_questions
-    from .experiments.eval import EvalConfig, evaluate
-    from .experiments.results import option_letters
-    from .experiments.source import read_questions
-    from .loading import load_model
-    from .policies import from_params, to_params
+    from ..analysis.knockout import knockout
+    from ..budget import METHODS, average_tokens, match
+    from ..experiments.eval import EvalConfig, evaluate
+    from ..experiments.results import option_letters
+    from ..experiments.source import read_questions
+    from ..loading import load_model
+    from ..policies import from_params, to_params
+    from . import _organism_shape
+    from .synthetic import write_questions
 
     out_dir = Path(out_dir)
     info = json.loads((Path(model_dir) / "training.json").read_text()) if (Path(model_dir) / "training.json"
@@ -366,5 +308,5 @@ def organism_report(model_dir: str | Path, out_dir: str | Path, *, n_questions: 
     runs["chance"] = sum(1 / len(option_letters(q.text)) for q in questions) / len(questions)
     runs["avg_tokens"] = {"none": float(n_img), **{k: m.avg_tokens for k, m in solved.items()},
                           "img2txt_blocked": float(n_img)}
-    (out_dir / "report.json").write_text(json.dumps(runs, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / "report.json", runs)
     return runs

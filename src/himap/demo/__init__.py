@@ -2,10 +2,11 @@
 
 ``ensure_demo()`` returns the paths of a llava-hf checkpoint (CLIP-style tower, LLaMA decoder, a byte-level BPE
 tokenizer trained on the synthetic generator's vocabulary, the vicuna_v1 chat template and a ``LlavaProcessor``)
-and of ~40 held-out synthetic test questions with their images, plus the default pruning policies for that model.
+and of ~40 held-out synthetic test questions with their images, plus the default pruning policies for that model
+(``himap.policies.defaults``: the paper's settings scaled to its depth, budgets as fractions of its image tokens).
 
-By default the checkpoint is the *model organism* shipped in ``himap/data/organism/`` (trained on CPU by
-``himap train-organism``, see :mod:`himap.organism`): its answers depend on the image, so accuracy, saliency and
+By default the checkpoint is the *model organism* shipped in ``himap/demo/weights/`` (trained on CPU by
+``himap train-organism``, see :mod:`himap.demo.organism`): its answers depend on the image, so accuracy, saliency and
 disruption on the demo mean something. ``ensure_demo(random_weights=True)`` builds the older random-weight model
 (8 layers, 144 image tokens, sharpened attention) for tests that need an untrained one.
 
@@ -22,14 +23,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..policies import FastV, HiMAP, RandomPrune
-from .scienceqa import CONV_TEMPLATES
+from ..data.scienceqa import CONV_TEMPLATES
+from ..policies import FastV, HiMAP, RandomPrune, from_params
 from .synthetic import TASKS, corpus, write_questions
 
 log = logging.getLogger(__name__)
 
 VERSION = 3            # bump when the recipe below changes: a new version builds beside the old one
-ORGANISM_DIR = Path(__file__).parent / "organism"     # the shipped trained checkpoint
+ORGANISM_DIR = Path(__file__).parent / "weights"     # the shipped trained checkpoint (the model organism)
 IMAGE_SIZE, PATCH_SIZE = 168, 14     # 12 x 12 = 144 image tokens
 LAYERS, HIDDEN, HEADS = 8, 128, 4
 N_QUESTIONS, SEED, QK_SCALE = 40, 0, 6.0
@@ -49,16 +50,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-
-
-def default_policies(n_layers: int, n_img: int, seed: int = 0) -> dict:
-    """The paper's settings scaled to a model: HiMAP k1=2, r1=n_img/2, k2=n_layers/4 (at most the paper's 8, at
-    least k1+1), r2=n_img/8; FastV and random keep n_img/2 before layer 2 (FastV's K=2, R=50%).
-
-    For LLaVA-1.5-7B/13B (576 image tokens) this gives the shipped k1=2, r1=288, k2=8, r2=72."""
-    k2 = max(3, min(8, n_layers // 4))
-    return {"himap": HiMAP(k1=2, r1=n_img // 2, k2=k2, r2=max(1, n_img // 8)),
-            "fastv": FastV(k=2, r=n_img // 2), "random": RandomPrune(k=2, r=n_img // 2, seed=seed)}
 
 
 @dataclass(frozen=True)
@@ -105,9 +96,11 @@ def ensure_demo(cache_dir: str | Path | None = None, *, random_weights: bool = F
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    n_img = (shape["image_size"] // shape["patch_size"]) ** 2
+    # the paper's settings scaled to the model, from the one place that states them (policies.defaults)
+    policies = {name: from_params(name, {"seed": SEED} if name == "random" else None, n_layers=shape["layers"])
+                for name in ("himap", "fastv", "random")}
     return Demo(model_dir=final / "model", question_file=final / "data" / "test.json",
-                image_folder=final / "data" / "images", **default_policies(shape["layers"], n_img, SEED))
+                image_folder=final / "data" / "images", **policies)
 
 
 def _random_shape() -> dict:
@@ -150,7 +143,7 @@ def build_tokenizer(texts: list[str] | None = None, vocab_size: int = VOCAB_SIZE
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .scienceqa import SINGLE_PRED_PROMPT
+    from ..data.scienceqa import SINGLE_PRED_PROMPT
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
