@@ -40,7 +40,7 @@ from transformers.cache_utils import DynamicLayer
 from . import hooks
 from .errors import UserError
 from .models import decoder_layers, follow_kept_slots, language_model, visual_token_ids
-from .policies import Policy, Stage, check, random_kept
+from .policies import POLICIES, Policy, Stage, check, random_kept
 from .spans import PAD, TXT, group_codes, on_model_inputs, visual_mask
 
 
@@ -119,7 +119,10 @@ class Pruner:
         # layer -> the stage whose sequence it runs on (host table: no search per forward)
         self._stage_of = {i: max(s for s, st in enumerate(self.stages) if st.layer <= i)
                           for i in range(first, len(layers))}
-        scorers = {s.layer - 1: [_Scorer(self, i)] for i, s in enumerate(self.stages) if s.query != "random"}
+        scorers: dict[int, list[_Scorer]] = {}
+        for i, s in enumerate(self.stages):
+            if s.query != "random":
+                scorers.setdefault(s.layer if s.inside else s.layer - 1, []).append(_Scorer(self, i))
         self._handles = [
             hooks.attach(layers, scorers),          # first: it refuses attention it cannot hook
             on_model_inputs(model, self._on_inputs),
@@ -263,6 +266,8 @@ class Pruner:
                 if len(ep.seqs) == s + 1 and stage.query == "random":
                     with _range("himap.score"):
                         self.resolve(stage, None)
+                elif len(ep.seqs) == s + 1 and stage.inside:
+                    self._score_inside(module, s, args, kwargs)
                 _cache_layer(kwargs, layer_idx)
                 with _range("himap.gather"):
                     args = self._gather_hidden(ep.seqs[s + 1].local, args, kwargs)
@@ -271,6 +276,19 @@ class Pruner:
                 kwargs.update(self._restricted(ep, s + 1, layer_idx, args, kwargs))
             return args, kwargs
         return hook
+
+    def _score_inside(self, layer: nn.Module, s: int, args: tuple, kwargs: dict) -> None:
+        """Rank for stage ``s`` with the layer's own attention over the sequence entering it: its input norm and
+        attention run once more on the unpruned hidden states, without the cache, for the stage's scorer to read
+        the query/key states; the attention output is discarded."""
+        ep = self._episode
+        hidden = args[0] if args else kwargs["hidden_states"]                   # (B, M, d) of sequence s
+        attn_kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "cache")}
+        ep.current = s
+        if s:
+            attn_kwargs.update(self._restricted(ep, s, layer.self_attn.layer_idx, (hidden,), kwargs))
+        layer.self_attn(hidden_states=layer.input_layernorm(hidden), past_key_values=None, **attn_kwargs)
+        ep.current = s + 1
 
     @staticmethod
     def _gather_hidden(local: torch.Tensor, args: tuple, kwargs: dict) -> tuple:
@@ -449,7 +467,8 @@ def apply(model: nn.Module, policy: Policy) -> Pruner:
     ...     out = model.generate(**inputs, max_new_tokens=16)
     """
     if not hasattr(policy, "stages"):
-        raise UserError(f"policy must be HiMAP, FastV or RandomPrune, got {type(policy).__name__}")
+        raise UserError(f"policy must be one of himap's policies ({', '.join(POLICIES)}), got "
+                        f"{type(policy).__name__}")
     if model in _ACTIVE:
         raise UserError("himap is already applied to this model; call remove() on the existing handle first")
     pruner = Pruner(model, policy)

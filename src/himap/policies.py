@@ -9,6 +9,10 @@ text tokens always stay. Which attention rows vote is the stage's ``query``:
 - ``"last"``:  the last token only (FastV),
 - ``"random"``: no attention; a seeded random draw (a baseline).
 
+A stage with ``inside=True`` ranks with layer ``stage.layer``'s own query/key projections applied to the hidden
+states entering it (before any of its tokens are dropped), instead of layer ``stage.layer - 1``'s attention
+(PyramidDrop).
+
 Budgets (``r1``, ``r2``, ``r``) are an ``int`` — a count of image tokens, as in the original flags — or a ``float``
 in (0, 1] — a fraction of the sample's ORIGINAL image-token count, ``max(1, round(r * n_img))`` per sample, for
 every stage (so ``HiMAP(2, 0.5, 8, 0.125)`` is the paper's 288 / 72 of 576 image tokens).
@@ -20,6 +24,7 @@ Every policy class is registered under a short ``name`` (:func:`register`); :fun
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -40,11 +45,13 @@ class Stage:
     seed: int = 0
     name: str = "k"      # the policy field that set ``layer``, for error messages
     budget: str = "r"    # the policy field that set ``keep``
+    inside: bool = False   # rank with layer ``layer``'s own q/k (see the module docstring)
+    floor: bool = False    # a fraction rounds down (``int(r * n_img)``, as PyramidDrop), not to the nearest
 
     def count(self, n_img: int) -> int:
         """Image tokens this stage keeps of a sample with ``n_img`` image tokens (before any pruning)."""
         if isinstance(self.keep, float):
-            return max(1, round(self.keep * n_img))
+            return max(1, math.floor(self.keep * n_img) if self.floor else round(self.keep * n_img))
         if self.keep > n_img:
             raise UserError(f"{self.budget}={self.keep} exceeds the {n_img} image tokens of the input")
         return self.keep
@@ -155,7 +162,44 @@ class RandomPrune:
         return (Stage(self.k, self.r, "random", self.seed),)
 
 
-Policy = HiMAP | FastV | RandomPrune
+@register
+@dataclass(frozen=True)
+class PyramidDrop:
+    """PyramidDrop (Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual
+    Redundancy Reduction", CVPR 2025; original code: ``llava/model/modeling_llama_pdrop.py`` of the PyramidDrop
+    repository, ``pdrop_rank_drop``). Before each layer of ``layers`` keep ``int(ratio**s * n_img)`` image tokens
+    (stage s = 1, 2, ...; of the sample's original ``n_img``, as the original's ``image_token_ratio_list``
+    [1, ratio, ratio**2, ...]), ranked by the head-mean attention of the last prompt token, computed with that
+    layer's own ``input_layernorm`` / q / k projections and RoPE on the hidden states entering it, over the image
+    tokens still present. Defaults are the published LLaVA-1.5 setting: layers 8, 16, 24, ratio 0.5.
+
+    Deviations: the kept tokens keep their original positions (the original renumbers the pruned sequence
+    contiguously, so the RoPE of every later token shifts); at least one image token stays (``int`` may give 0)."""
+
+    name: ClassVar[str] = "pdrop"
+    layers: tuple[int, ...] = (8, 16, 24)
+    ratio: float = 0.5
+
+    def __post_init__(self):
+        if isinstance(self.layers, list):      # from JSON parameters
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if not isinstance(self.layers, tuple) or not self.layers:
+            raise UserError(f"layers must be a non-empty list of layer indices, got {self.layers!r}")
+        for layer in self.layers:
+            _check_layer("layers", layer)
+        if list(self.layers) != sorted(set(self.layers)):
+            raise UserError(f"layers must be strictly increasing, got {list(self.layers)}")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, float) or not 0.0 < self.ratio <= 1.0:
+            raise UserError(f"ratio must be a fraction in (0, 1], got {self.ratio!r}")
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        # ratio**s to 12 digits: 0.7**2 must be the 0.49 a user writes in the original's list, not 0.4899..
+        return tuple(Stage(layer, round(self.ratio ** (s + 1), 12), "last", name="layers", budget="ratio", inside=True,
+                           floor=True) for s, layer in enumerate(self.layers))
+
+
+Policy = HiMAP | FastV | RandomPrune | PyramidDrop
 NAMES = ("none", *POLICIES)
 
 
@@ -188,13 +232,16 @@ def fields(name: str) -> tuple[str, ...]:
 def defaults(name: str, n_layers: int, seed: int = 0) -> dict:
     """The paper's settings for a decoder of ``n_layers``, budgets as fractions of the image tokens:
     HiMAP k1=2, r1=1/2, k2=n_layers/4 clamped to [3, 8] (8 for LLaVA-1.5's 32 and 40 layers), r2=1/8;
-    FastV and random keep 1/2 before layer 2 (FastV's K=2, R=50%)."""
+    FastV and random keep 1/2 before layer 2 (FastV's K=2, R=50%); PyramidDrop keeps ratio 1/2 at layers
+    n_layers/4, n_layers/2, 3 n_layers/4 (8, 16, 24 for LLaVA-1.5's 32 layers)."""
     if name == "himap":
         return {"k1": 2, "r1": 0.5, "k2": min(8, max(3, n_layers // 4)), "r2": 0.125}
     if name == "fastv":
         return {"k": 2, "r": 0.5}
     if name == "random":
         return {"k": 2, "r": 0.5, "seed": seed}
+    if name == "pdrop":
+        return {"layers": tuple(sorted({max(1, n_layers * q // 4) for q in (1, 2, 3)})), "ratio": 0.5}
     _class(name)
     return {}
 
