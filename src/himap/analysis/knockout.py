@@ -38,7 +38,7 @@ def parse_flow(flow: str) -> tuple[str, str]:
     """``"img2txt"`` -> ``("img", "txt")`` (source key group, destination query group)."""
     src, sep, dst = str(flow).partition("2")
     if not sep or src not in GROUPS or dst not in ROW_GROUPS:
-        raise ValueError(f"unknown flow {flow!r}; use X2Y with X in {', '.join(GROUPS)} and Y in "
+        raise UserError(f"unknown flow {flow!r}; use X2Y with X in {', '.join(GROUPS)} and Y in "
                          f"{', '.join(ROW_GROUPS)} (e.g. img2txt, img2img, img2rnd)")
     return src, dst
 
@@ -60,13 +60,13 @@ class Knockout(hooks.AttentionHook):
 
     def __init__(self, model: nn.Module, flow: str, layers, seed: int = 0):
         if is_pruned(model):   # pruning shortens the sequence; the groups here are the full prompt's
-            raise ValueError("knockout cannot be combined with himap.apply pruning on the same model")
+            raise UserError("knockout cannot be combined with himap.apply pruning on the same model")
         all_layers = decoder_layers(model)
         n = len(all_layers)
         self.layers = sorted({int(i) for i in (range(n) if layers is None else layers)})
         bad = [i for i in self.layers if not 0 <= i < n]
         if bad:
-            raise ValueError(f"layers {bad} out of range: the model has {n} decoder layers (0..{n - 1})")
+            raise UserError(f"layers {bad} out of range: the model has {n} decoder layers (0..{n - 1})")
         self.flow, self.seed = flow, seed
         self.src, self.dst = parse_flow(flow)
         self.visual_ids = visual_token_ids(model)
@@ -130,7 +130,7 @@ def _check_rows_keep_a_key(flow: str, codes: torch.Tensor, src: torch.Tensor, ds
     dead = dst & ~free
     if dead.any():
         b, p = dead.nonzero()[0].tolist()
-        raise ValueError(f"flow {flow} leaves query position {p} of sample {b} with no key to attend to")
+        raise UserError(f"flow {flow} leaves query position {p} of sample {b} with no key to attend to")
 
 
 def knockout(model: nn.Module, flow: str, layers=None, seed: int = 0) -> Knockout:

@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import hooks
 from ..engine import is_pruned
+from ..errors import UserError
 from ..models import decoder_layers, visual_token_ids
 from ..spans import IMG, TXT, group_codes
 from .groups import group_onehot, require_images
@@ -107,17 +108,17 @@ def saliency(model: nn.Module, inputs: dict, label_ids, form: str = "attn_grad")
     >>> sal.props4all.shape, sal.props4img.shape      # (L, 3), (L, 2)
     """
     if form not in FORMS:
-        raise ValueError(f"unknown saliency form {form!r}; choose one of {', '.join(FORMS)}")
+        raise UserError(f"unknown saliency form {form!r}; choose one of {', '.join(FORMS)}")
     if is_pruned(model):     # pruning shortens the sequence the group matrices are built for
-        raise ValueError("saliency cannot run on a model pruned with himap.apply; remove the pruner first")
+        raise UserError("saliency cannot run on a model pruned with himap.apply; remove the pruner first")
     layers = decoder_layers(model)
     input_ids = inputs.get("input_ids")
     if input_ids is None:
-        raise ValueError("saliency needs input_ids in inputs to find the token groups")
+        raise UserError("saliency needs input_ids in inputs to find the token groups")
     batch, length = input_ids.shape
     labels = torch.as_tensor(label_ids, dtype=torch.long).reshape(-1)
     if labels.numel() != batch:
-        raise ValueError(f"label_ids holds {labels.numel()} labels for a batch of {batch}")
+        raise UserError(f"label_ids holds {labels.numel()} labels for a batch of {batch}")
     codes = group_codes(input_ids, visual_token_ids(model), inputs.get("attention_mask"))
     require_images(codes)
     hook = _GroupSaliency(form, group_onehot(codes.to(input_ids.device)))

@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import perf as bm
     from ..configs import preset, torch_dtype
+    from ..io import write_text
     from ..loading import resolve_device
 
     logging.basicConfig(level=logging.WARNING)
@@ -86,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
     text = bm.format_markdown(result)
     for path, content in ((args.out, json.dumps(result, indent=2) + "\n"), (args.markdown, text)):
         if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
+            write_text(path, content)
     print(text)
     return 0
