@@ -1,17 +1,18 @@
 """The budget solver: targets met within a token, the same answer as brute force over every setting, and the
 FLOPs ratio of ``himap flops`` (FastV's count, recomputed here from its formula)."""
 
+import argparse
 import itertools
 import json
 
 import pytest
 
 from himap.budget import METHODS, average_tokens, match, measured, solve
-from himap.cli import main
+from himap.cli import build_parser, main
 from himap.configs import preset_config
 from himap.errors import UserError
 from himap.flops import prefill_flops_for
-from himap.policies import FastV, HiMAP, RandomPrune, to_params
+from himap.policies import POLICIES, FastV, HiMAP, RandomPrune, to_params
 
 SHAPES = [(8, 144), (12, 36), (32, 576), (40, 576)]       # (decoder layers, image tokens)
 
@@ -21,7 +22,7 @@ def _segments_mean(policy, n_layers: int, n_img: int) -> float:
     bounds, counts = [0], [n_img]
     for stage in policy.stages:
         bounds.append(stage.layer)
-        counts.append(min(counts[-1], stage.keep))
+        counts.append(min(counts[-1], stage.count(n_img)))
     bounds.append(n_layers)
     return sum((bounds[i + 1] - bounds[i]) * counts[i] for i in range(len(counts))) / n_layers
 
@@ -37,6 +38,9 @@ def _brute(method: str, n_layers: int, n_img: int) -> list:
         return [HiMAP(2, r1, k2, max(1, round(r1 / 4))) for r1 in range(1, n_img + 1)]
     if method == "fastv":
         return [FastV(2, r) for r in range(1, n_img + 1)]
+    if method == "pdrop":      # PyramidDrop: ratio c / n_img at the quarters of the decoder (8, 16, 24 of 32)
+        layers = tuple(sorted({max(1, n_layers * q // 4) for q in (1, 2, 3)}))
+        return [POLICIES["pdrop"](layers, c / n_img) for c in range(1, n_img + 1)]
     return [RandomPrune(2, r) for r in range(1, n_img + 1)]
 
 
@@ -72,19 +76,29 @@ def test_flops_target_agrees_with_himap_flops_and_brute_force(preset, capsys):
         ratios = [sum(_fastv_flops(n_sys + n_txt + t, d, m) for t in _per_layer(p, n_layers, n_img)) / vanilla
                   for p in _brute(method, n_layers, n_img)]
         assert abs(got.flops_kept - 0.4) == pytest.approx(min(abs(r - 0.4) for r in ratios))
-        if method == "random":
-            continue                          # himap flops prices a random draw like FastV's
-        knobs = {"himap": ["--k1", "--r1", "--k2", "--r2"], "fastv": ["--k", "--r"]}[method]
-        values = [getattr(got.policy, k.strip("-")) for k in knobs]
-        assert main(["flops", "--model", preset, "--policy", method, "--text-tokens", str(n_txt), "--json",
-                     *[str(x) for pair in zip(knobs, values) for x in pair]]) == 0
-        assert json.loads(capsys.readouterr().out)["rows"][0]["flops_kept"] == pytest.approx(got.flops_kept)
+        if method in _flops_command_policies():
+            assert _himap_flops(preset, got.policy, n_txt, capsys) == pytest.approx(got.flops_kept)
+
+
+def _flops_command_policies() -> tuple[str, ...]:
+    """The policies ``himap flops --policy`` offers."""
+    parser = next(a for a in build_parser("flops")._actions if isinstance(a, argparse._SubParsersAction))
+    return next(a for a in parser.choices["flops"]._actions if a.dest == "policy").choices
+
+
+def _himap_flops(preset: str, policy, n_txt: int, capsys) -> float:
+    """The whole-sequence FLOPs ratio ``himap flops --json`` prints for ``policy`` (its seed aside: a random draw
+    is priced by its count)."""
+    params = {k: v for k, v in to_params(policy).items() if k not in ("name", "seed")}
+    assert main(["flops", "--model", preset, "--policy", policy.name, "--text-tokens", str(n_txt), "--json",
+                 *[x for k, v in params.items() for x in (f"--{k}", str(v))]]) == 0
+    return json.loads(capsys.readouterr().out)["rows"][0]["flops_kept"]
 
 
 def _per_layer(policy, n_layers: int, n_img: int) -> list[int]:
     out, present = [], n_img
     for layer in range(n_layers):
-        present = min([present] + [s.keep for s in policy.stages if s.layer == layer])
+        present = min([present] + [s.count(n_img) for s in policy.stages if s.layer == layer])
         out.append(present)
     return out
 
@@ -120,23 +134,29 @@ def test_budget_command_prints_eval_flags_and_defaults_to_the_paper_setting(caps
     assert capsys.readouterr().out.split() == "--policy fastv --k 2 --r 115".split()
     assert main(["budget", "--model-path", "llava-1.5-7b", "--tokens", "5"]) == 2
     assert "cannot reach" in capsys.readouterr().err
-    assert main(["budget", "--model-path", "llava-1.5-7b", "--eval-flags", "pdrop"]) == 2
-    assert "no budget rule for method 'pdrop'" in capsys.readouterr().err
+    assert main(["budget", "--model-path", "llava-1.5-7b", "--eval-flags", "prune"]) == 2
+    assert "no budget rule for method 'prune'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_meets_the_fields_budgets_and_prices_like_himap_flops(method, capsys):
-    """LLaVA-1.5-7B at the field's 64 / 128 / 192 tokens: within one token, and the FLOPs ratio the solver
-    reports is the one ``himap flops`` prints for the solved settings."""
+    """LLaVA-1.5-7B at the field's 64 / 128 / 192 tokens: within one token where the method's structure reaches
+    it (else one error naming its range, e.g. PyramidDrop keeps every image token in layers 0-7), and the FLOPs
+    ratio the solver reports is the one ``himap flops`` prints for the solved settings."""
     text = preset_config("llava-1.5-7b").text_config
+    lowest = _segments_mean(_brute(method, 32, 576)[0], 32, 576)
     for target in (64, 128, 192):
+        if target < lowest - 1:
+            with pytest.raises(UserError, match=f"cannot reach .* spans {lowest:.4g} to"):
+                solve(method, n_layers=32, n_img=576, tokens=target)
+            continue
         got = solve(method, n_layers=32, n_img=576, tokens=target, text_config=text, n_text=35 + 60)
         assert abs(got.avg_tokens - target) <= 1
         assert got.avg_tokens == pytest.approx(_segments_mean(got.policy, 32, 576))
-        params = {k: v for k, v in to_params(got.policy).items() if k not in ("name", "seed")}
-        assert main(["flops", "--model", "llava-1.5-7b", "--policy", method, "--text-tokens", "60", "--json",
-                     *[x for k, v in params.items() for x in (f"--{k}", str(v))]]) == 0
-        assert json.loads(capsys.readouterr().out)["rows"][0]["flops_kept"] == pytest.approx(got.flops_kept)
+        by_hand = prefill_flops_for(text, n_img=576, n_text=95, policy=got.policy).flops_kept
+        assert got.flops_kept == pytest.approx(by_hand)
+        if method in _flops_command_policies():
+            assert _himap_flops("llava-1.5-7b", got.policy, 60, capsys) == pytest.approx(got.flops_kept)
 
 
 def test_measured_takes_each_samples_own_counts():

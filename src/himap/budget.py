@@ -15,7 +15,9 @@ per method, the only place a method joins the solver):
 
 - ``himap``: K1 and K2 from :func:`himap.policies.defaults` (the paper's, scaled to the decoder), R2 = R1 / 4 (the
   paper's 72 / 288), rounded, at least 1; R1 is solved;
-- ``fastv`` and ``random``: K from :func:`himap.policies.defaults` (FastV's K = 2); R is solved.
+- ``fastv`` and ``random``: K from :func:`himap.policies.defaults` (FastV's K = 2); R is solved;
+- ``pdrop`` (PyramidDrop): its layers from :func:`himap.policies.defaults` (8, 16, 24 on 32 layers); the ratio
+  lambda (stage s keeps ``lambda**s`` of the image tokens) is solved.
 
 Both metrics grow monotonically with the budget, so the solver tries every count from 1 to ``n_img`` (a ratio
 budget: every ratio ``c / n_img``) and keeps the one closest to the target; for ``T`` one more token of budget moves
@@ -61,6 +63,7 @@ RULES: dict[str, Rule] = {
                   lambda r1, s: {"r2": max(1, round(r1 * s["ratio"]))}),
     "fastv": Rule("r", ("k",)),
     "random": Rule("r", ("k", "seed")),
+    "pdrop": Rule("ratio", ("layers",), ratio=True),      # PyramidDrop: its ratio lambda at its layers
 }
 METHODS = tuple(m for m in RULES if m in POLICIES)      # every registered policy that has a rule
 

@@ -47,23 +47,29 @@ def _shape(model_path: str | None):
     return shape.text_config, shape.image_tokens
 
 
+def _value(v) -> str:
+    """A setting as a command-line value: a list of layers as ``8,16,24``."""
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
 def eval_flags(policy) -> list[str]:
     """``--policy NAME --field value ...`` for ``himap eval``."""
     from ..policies import to_params
 
     params = to_params(policy)
-    return ["--policy", params.pop("name"), *[x for k, v in params.items() for x in (f"--{k}", str(v))]]
+    return ["--policy", params.pop("name"), *[x for k, v in params.items() for x in (f"--{k}", _value(v))]]
 
 
 def model_args(policy) -> str:
     """``policy=NAME,field=value,...`` for the lmms-eval plugin's ``--model_args`` (``policy=none``: vanilla)."""
     from ..policies import to_params
 
-    return ",".join(f"{'policy' if k == 'name' else k}={v}" for k, v in to_params(policy).items())
+    return ",".join(f"{'policy' if k == 'name' else k}={_value(v)}" for k, v in to_params(policy).items())
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..budget import METHODS, average_tokens, match
+    from ..budget import METHODS, average_tokens, solve
+    from ..errors import UserError
     from ..policies import from_params
 
     text, n_img = _shape(args.model_path)
@@ -73,7 +79,17 @@ def run(args: argparse.Namespace) -> int:
         average_tokens(from_params("himap", n_layers=n_layers, n_img=n_img), n_layers, n_img)}
     only = args.eval_flags or args.model_args
     methods = [only] if only else args.methods or list(METHODS)
-    solved = match(methods, n_layers=n_layers, n_img=n_img, text_config=text, n_text=args.text_tokens, **target)
+    solved, unreachable = {}, []
+    for method in methods:
+        try:
+            solved[method] = solve(method, n_layers=n_layers, n_img=n_img, text_config=text, n_text=args.text_tokens,
+                                   **target)
+        except UserError as err:
+            if only or args.methods or "cannot reach" not in str(err):   # a method asked for by name must fit
+                raise
+            unreachable.append(str(err))
+    if not solved:
+        raise UserError("; ".join(unreachable))
     if only:
         policy = solved[only].policy
         print(" ".join(eval_flags(policy)) if args.eval_flags else model_args(policy))
@@ -85,4 +101,6 @@ def run(args: argparse.Namespace) -> int:
     for name, m in solved.items():
         print(f"{name:<8} {' '.join(eval_flags(m.policy)[2:]):<40} {m.avg_tokens:>16.2f} "
               f"{m.avg_tokens / n_img:>9.1%} {m.flops_kept:>10.1%}")
+    for line in unreachable:
+        print(f"not solved: {line}")
     return 0
