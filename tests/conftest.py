@@ -233,3 +233,22 @@ def brute_force_kept(model_eager, inputs: dict, visual: torch.Tensor, policy) ->
         alive = keep
         kept.append(stage)
     return kept
+
+
+def assert_knockout_cached_equals_recomputed(model, inputs: dict, flow: str, layers) -> None:
+    """Greedy generation under ``himap.knockout(model, flow, layers)`` with a KV cache equals the same generation
+    recomputed from scratch at every step (``use_cache=False``), and differs from the stock model's."""
+    import himap
+
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        with himap.knockout(model, flow, layers=layers):
+            cached = model.generate(**inputs, **kwargs)
+            recomputed = model.generate(**inputs, use_cache=False, **kwargs)
+        stock = model.generate(**inputs, **kwargs)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    for a, b in zip(cached.logits, recomputed.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(cached.logits[0], stock.logits[0], atol=1e-3)
+

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import himap
-from conftest import left_pad_batch, make_inputs
+from conftest import assert_knockout_cached_equals_recomputed, left_pad_batch, make_inputs
 from himap.spans import find_spans
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -107,16 +107,7 @@ def test_prefill_equals_layerwise_masked_reference(make_model, flow, layers):
 @pytest.mark.parametrize("flow", ["img2img", "img2txt", "sys2txt", "txt2txt"])
 def test_cached_generation_equals_recomputation(make_model, flow):
     model = make_model()
-    inputs = batch_of_two(model)
-    kwargs = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    with himap.knockout(model, flow, layers=range(2, 6)):
-        cached = model.generate(**inputs, **kwargs)
-        recomputed = model.generate(**inputs, use_cache=False, **kwargs)
-    stock = model.generate(**inputs, **kwargs)
-    assert torch.equal(cached.sequences, recomputed.sequences)
-    for a, b in zip(cached.scores, recomputed.scores):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(cached.scores[0], stock.scores[0], atol=1e-3)
+    assert_knockout_cached_equals_recomputed(model, batch_of_two(model), flow, range(2, 6))
 
 
 def test_img2rnd_is_reproducible_from_its_seed(make_model):
