@@ -4,6 +4,7 @@ from full attention maps, pruned runs == the stock model with the dropped tokens
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from conftest import dropped_from_kept, head_mean_attention, masked_reference, t
 from family_checks import STEPS, generate, kept_lists, visual
 from himap import policies
 from himap.errors import UserError
+from himap.models import decoder_layers, language_model
 from himap.policies import PyramidDrop
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -56,19 +58,18 @@ def test_pdrop_kept_sets_equal_brute_force(family):
         [[k.tolist() for k in stage] for stage in expected]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_pdrop_equals_masked_reference(family):
+def assert_equals_masked_reference(family: str, policy, layers: list[int]) -> None:
     """Prefill logits at every position still present and 3 KV-cached decode steps == the masked reference."""
     model = families.model(family)
     inputs = families.inputs(family, families.SAMPLES[2])
     vis = visual(family, inputs)
-    with himap.apply(model, PDROP) as handle:
+    with himap.apply(model, policy) as handle:
         prefill = model(**inputs).logits[0]
         tokens, logits = generate(model, inputs)
         kept = kept_lists(handle.kept)
     n_img = int(vis.sum())
-    assert [len(k[0]) for k in kept] == [max(1, int(PDROP.ratio ** s * n_img + 1e-9)) for s in (1, 2, 3)]
-    dropped = dropped_from_kept(vis, list(PDROP.layers), kept)
+    assert [len(k[0]) for k in kept] == [stage.count(n_img) for stage in policy.stages]
+    dropped = dropped_from_kept(vis, layers, kept)
     alive = ~torch.stack(list(dropped.values())).any(0)[0]
     torch.testing.assert_close(prefill, masked_reference(model, inputs, dropped).logits[0][alive], atol=1e-5, rtol=0)
     assert not torch.allclose(prefill, model(**inputs).logits[0][alive], atol=1e-3), "pruning changed nothing"
@@ -77,11 +78,11 @@ def test_pdrop_equals_masked_reference(family):
         torch.testing.assert_close(logits[step], ref, atol=1e-5, rtol=0)
 
 
-def test_pdrop_ragged_batch_equals_each_alone():
-    family = "qwen2_5_vl"
+def assert_batch_equals_alone(family: str, policy) -> None:
+    """A ragged left-padded batch: each sample's tokens, logits and kept positions == the sample alone."""
     model = families.model(family)
     batch = families.inputs(family, families.SAMPLES)
-    with himap.apply(model, PDROP) as handle:
+    with himap.apply(model, policy) as handle:
         tokens, logits = generate(model, batch)
         kept = kept_lists(handle.kept)
         alone = []
@@ -96,6 +97,15 @@ def test_pdrop_ragged_batch_equals_each_alone():
         assert [stage[b].tolist() for stage in kept] == [(s[0] + width - length).tolist() for s in one_kept]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pdrop_equals_masked_reference(family):
+    assert_equals_masked_reference(family, PDROP, list(PDROP.layers))
+
+
+def test_pdrop_ragged_batch_equals_each_alone():
+    assert_batch_equals_alone("qwen2_5_vl", PDROP)
+
+
 def test_pdrop_settings():
     assert policies.defaults("pdrop", 32) == {"layers": (8, 16, 24), "ratio": 0.5}
     policy = policies.from_params("pdrop", {"layers": [8, 16, 24]}, n_layers=32, n_img=576)
@@ -108,3 +118,94 @@ def test_pdrop_settings():
             policies.from_params("pdrop", bad, n_layers=32)
     with pytest.raises(UserError, match="layers=40"):
         policies.from_params("pdrop", {"layers": [8, 40]}, n_layers=32)
+
+
+DART = policies.DART(k=2, r=0.5, pivots_image=2, pivots_text=3)
+
+
+def layer_inputs(model, inputs: dict, layer: int) -> tuple[torch.Tensor, dict]:
+    """The hidden states and keyword arguments decoder ``layer`` receives in a stock forward."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.update(kwargs, hidden=args[0] if args else kwargs["hidden_states"])
+
+    handle = decoder_layers(model)[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    return seen.pop("hidden"), seen
+
+
+def dart_brute_force(model, inputs: dict, vis: torch.Tensor, policy) -> list[list[int]]:
+    """DART by its definition, per sample: keys of layer k-1 recomputed from that layer's input (norm, k_proj,
+    RoPE), hidden states entering layer k through the final norm, pivots by key L1 norm, then each pivot (in
+    position order) adds the r // pivots unchosen image tokens of lowest cosine similarity to it."""
+    layer = decoder_layers(model)[policy.k - 1]
+    h_prev, kw = layer_inputs(model, inputs, policy.k - 1)
+    h_k, _ = layer_inputs(model, inputs, policy.k)
+    attn = layer.self_attn
+    keys = attn.k_proj(layer.input_layernorm(h_prev))
+    keys = keys.view(*keys.shape[:2], -1, attn.head_dim).transpose(1, 2)                # (B, H, T, D)
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    keys = rope(keys, keys, *kw["position_embeddings"])[1]
+    knorm = keys.abs().sum((1, 3))                                                        # (B, T)
+    normed = language_model(model).norm(h_k)
+    real = inputs["attention_mask"].bool()
+    out = []
+    for b in range(vis.shape[0]):
+        img = vis[b].nonzero()[:, 0].tolist()
+        text = [t for t in range(vis.shape[1]) if real[b, t] and t > max(img)]
+        n_pivots = policy.pivots_image + policy.pivots_text
+        quota = max(1, round(policy.r * len(img))) // n_pivots
+        order = sorted(range(vis.shape[1]), key=lambda t, b=b: -float(knorm[b, t]))       # largest key norm first
+        pivots_img = [t for t in order if t in img][:policy.pivots_image]
+        pivots_txt = [t for t in order if t in text][:policy.pivots_text]
+        kept, free = set(pivots_img), [t for t in img if t not in pivots_img]
+        for p in sorted(pivots_img + pivots_txt):
+            x = normed[b, p]
+            sims = {t: float(x @ normed[b, t] / (x.norm() * normed[b, t].norm())) for t in free}
+            ranked = sorted(free, key=lambda t: sims[t])
+            if quota < len(ranked):
+                assert sims[ranked[quota]] - sims[ranked[quota - 1]] > 1e-6, "tie at the cut"
+            kept |= set(ranked[:quota])
+            free = [t for t in free if t not in ranked[:quota]]
+        out.append(sorted(kept))
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dart_kept_sets_equal_brute_force(family):
+    model = families.model(family)
+    inputs = families.inputs(family, families.SAMPLES)           # a ragged, left-padded batch
+    norm = language_model(model).norm.weight
+    stock = norm.clone()
+    norm.copy_(torch.rand(norm.shape, generator=torch.Generator().manual_seed(0)) + 0.1)  # the norm must matter
+    try:
+        with himap.apply(model, DART) as handle:
+            model(**inputs)
+        expected = dart_brute_force(model, inputs, visual(family, inputs), DART)
+    finally:
+        norm.copy_(stock)
+    assert [k.tolist() for k in kept_lists(handle.kept)[0]] == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dart_equals_masked_reference(family):
+    assert_equals_masked_reference(family, DART, [DART.k])
+
+
+def test_dart_ragged_batch_equals_each_alone():
+    assert_batch_equals_alone("qwen2_5_vl", DART)
+
+
+def test_dart_settings():
+    assert policies.defaults("dart", 32) == {"k": 2, "r": 128 / 576, "pivots_image": 4, "pivots_text": 4}
+    policy = policies.from_params("dart", {}, n_layers=32, n_img=576)
+    assert policy.stages[0].count(576) == 132                    # 4 pivots + 8 x 16, as the original keeps
+    with pytest.raises(UserError, match="more than the 10 image tokens"):
+        policies.from_params("dart", {"r": 10}, n_layers=32, n_img=10)
+    for bad in ({"pivots_image": -1}, {"pivots_image": 0, "pivots_text": 0}, {"k": 0}):
+        with pytest.raises(UserError):
+            policies.from_params("dart", bad, n_layers=32)

@@ -100,6 +100,7 @@ class _Episode:
     attention_mask: torch.Tensor | None = None   # (B, total) the 2-D padding mask of the current forward
     step_memo: dict = field(default_factory=dict)
     kept: tuple | None = None
+    keys: torch.Tensor | None = None   # (B, H_kv, M, D) keys a selection stage reads, from the layer before it
 
 
 class Pruner:
@@ -268,6 +269,8 @@ class Pruner:
                         self.resolve(stage, None)
                 elif len(ep.seqs) == s + 1 and stage.inside:
                     self._score_inside(module, s, args, kwargs)
+                elif len(ep.seqs) == s + 1 and stage.query == "hidden":
+                    self._select(stage, args, kwargs)
                 _cache_layer(kwargs, layer_idx)
                 with _range("himap.gather"):
                     args = self._gather_hidden(ep.seqs[s + 1].local, args, kwargs)
@@ -289,6 +292,18 @@ class Pruner:
             attn_kwargs.update(self._restricted(ep, s, layer.self_attn.layer_idx, (hidden,), kwargs))
         layer.self_attn(hidden_states=layer.input_layernorm(hidden), past_key_values=None, **attn_kwargs)
         ep.current = s + 1
+
+    def _select(self, stage: Stage, args: tuple, kwargs: dict) -> None:
+        """Resolve a stage whose rule reads the hidden states entering its layer (:mod:`himap.selection`)."""
+        from .selection import SelectInputs
+
+        ep = self._episode
+        seq = ep.seqs[-1]
+        hidden = args[0] if args else kwargs["hidden_states"]                   # (B, M, d)
+        inputs = SelectInputs(hidden, language_model(self.model).norm, ep.keys, seq.is_img, seq.codes == TXT)
+        with _range("himap.score"):
+            self.resolve(stage, stage.select(inputs))
+        ep.keys = None
 
     @staticmethod
     def _gather_hidden(local: torch.Tensor, args: tuple, kwargs: dict) -> tuple:
@@ -435,8 +450,11 @@ class _Scorer(hooks.AttentionHook):
         if key.shape[2] != ep.seqs[-1].width:    # a prefill's keys are its own tokens, unless the cache is static
             raise UserError(f"himap prunes with a dynamic KV cache (generate's default); layer "
                             f"{module.layer_idx} saw {key.shape[2]} keys for {ep.seqs[-1].width} tokens")
+        stage = self.pruner.stages[self.stage_idx]
+        if stage.query == "hidden":           # the stage's own rule runs before its layer, on these keys
+            ep.keys = key
+            return
         with _range("himap.score"):
-            stage = self.pruner.stages[self.stage_idx]
             lo, hi, weight = self.pruner.rows(stage)
             probs = hooks.attention_probs(module, query, key, mask, slice(lo, hi))   # (B, H, R, K)
             if weight is None:        # every row votes; the head mean's 1/H does not change the ranking

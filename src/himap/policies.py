@@ -7,7 +7,8 @@ text tokens always stay. Which attention rows vote is the stage's ``query``:
 - ``"text"``:  every token after the image span (HiMAP stage 1, the original's φ_sh),
 - ``"image"``: the image tokens still present, columns restricted to the same tokens (HiMAP stage 2, φ_dp),
 - ``"last"``:  the last token only (FastV),
-- ``"random"``: no attention; a seeded random draw (a baseline).
+- ``"random"``: no attention; a seeded random draw (a baseline),
+- ``"hidden"``: a selection rule on the hidden states entering the layer (:mod:`himap.selection`).
 
 A stage with ``inside=True`` ranks with layer ``stage.layer``'s own query/key projections applied to the hidden
 states entering it (before any of its tokens are dropped), instead of layer ``stage.layer - 1``'s attention
@@ -33,7 +34,7 @@ from .errors import UserError
 if TYPE_CHECKING:
     import torch
 
-Query = Literal["text", "image", "last", "random"]
+Query = Literal["text", "image", "last", "random", "hidden"]
 Budget = int | float
 
 
@@ -199,7 +200,46 @@ class PyramidDrop:
                            floor=True) for s, layer in enumerate(self.layers))
 
 
-Policy = HiMAP | FastV | RandomPrune | PyramidDrop
+@register
+@dataclass(frozen=True)
+class DART:
+    """DART (Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters
+    More", 2025; original code: the DART repository's ``get_retained_image_token`` in its LLaVA decoder). Before
+    layer ``k``: pivots are the ``pivots_image`` image tokens and the ``pivots_text`` text tokens (after the image)
+    whose layer ``k - 1`` keys (after RoPE) have the largest L1 norm; each pivot in turn adds the ``r // (pivots)``
+    image tokens still unchosen whose hidden states entering layer ``k``, through the decoder's final norm, are
+    least cosine-similar to its own; the image pivots and the added tokens stay (text pivots are not image
+    tokens). ``r`` is the original's ``max_num_trunction`` (a count, or a fraction of the image tokens), so
+    ``pivots_image + pivots * (r // pivots)`` image tokens stay: 132 of 576 for the published LLaVA-1.5 setting
+    k=2, r=128, 4 + 4 pivots.
+
+    Deviations: pivots are visited in ascending position order (the original iterates a Python set of positions,
+    whose order is CPython's hash-table order); a sample with fewer than ``pivots_text`` text tokens is refused."""
+
+    name: ClassVar[str] = "dart"
+    k: int = 2
+    r: Budget = 128
+    pivots_image: int = 4
+    pivots_text: int = 4
+
+    def __post_init__(self):
+        _check_layer("k", self.k)
+        _check_budget("r", self.r)
+        for name in ("pivots_image", "pivots_text"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UserError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.pivots_image + self.pivots_text == 0:
+            raise UserError("DART needs at least one pivot (pivots_image + pivots_text >= 1)")
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        from .selection import DartStage  # torch: imported when a model is pruned, not at CLI start-up
+
+        return (DartStage(self.k, self.r, pivots_image=self.pivots_image, pivots_text=self.pivots_text),)
+
+
+Policy = HiMAP | FastV | RandomPrune | PyramidDrop | DART
 NAMES = ("none", *POLICIES)
 
 
@@ -232,14 +272,16 @@ def fields(name: str) -> tuple[str, ...]:
 def defaults(name: str, n_layers: int, seed: int = 0) -> dict:
     """The paper's settings for a decoder of ``n_layers``, budgets as fractions of the image tokens:
     HiMAP k1=2, r1=1/2, k2=n_layers/4 clamped to [3, 8] (8 for LLaVA-1.5's 32 and 40 layers), r2=1/8;
-    FastV and random keep 1/2 before layer 2 (FastV's K=2, R=50%); PyramidDrop keeps ratio 1/2 at layers
-    n_layers/4, n_layers/2, 3 n_layers/4 (8, 16, 24 for LLaVA-1.5's 32 layers)."""
+    FastV and random keep 1/2 before layer 2 (FastV's K=2, R=50%); DART k=2, r=128/576 with 4 + 4 pivots;
+    PyramidDrop keeps ratio 1/2 at layers n_layers/4, n_layers/2, 3 n_layers/4 (8, 16, 24 for LLaVA-1.5's 32)."""
     if name == "himap":
         return {"k1": 2, "r1": 0.5, "k2": min(8, max(3, n_layers // 4)), "r2": 0.125}
     if name == "fastv":
         return {"k": 2, "r": 0.5}
     if name == "random":
         return {"k": 2, "r": 0.5, "seed": seed}
+    if name == "dart":
+        return {"k": 2, "r": 128 / 576, "pivots_image": 4, "pivots_text": 4}
     if name == "pdrop":
         return {"layers": tuple(sorted({max(1, n_layers * q // 4) for q in (1, 2, 3)})), "ratio": 0.5}
     _class(name)
