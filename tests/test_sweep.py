@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from himap.budget import solve
+from himap.budget import average_tokens, solve
 from himap.cli import main
 from himap.errors import UserError
-from himap.experiments.sweep import RESULTS, SweepConfig, report, sweep
+from himap.experiments.sweep import RESULTS, SweepConfig, plan, report, sweep
 from himap.flops import prefill_flops_for
 from himap.io import read_jsonl
 from himap.policies import from_params
@@ -168,3 +168,20 @@ def test_a_flops_target_is_solved_for_the_prompts_length(demo, demo_model, tmp_p
         assert from_params(row["method"], dict(row["settings"])) == solved.policy
         assert row["flops_kept"] == pytest.approx(solved.flops_kept)
     assert {u["method"] for u in results["unreachable"]} == set(METHODS)
+
+
+def test_fixed_settings_reach_the_plan(demo, demo_model, tmp_path):
+    """--fix holds a method's setting at another value; the free budget is still solved for the target."""
+    text = demo_model[0].config.text_config
+    cfg = _config(demo, tmp_path, fix=("fastv.k=3", "himap.k2=5"))
+    planned = plan(cfg, text, 144, None)
+    cells = {c["cell"]: c["policy"] for c in planned["cells"]}
+    fastv, himap = cells["fastv-T72"], cells["himap-T72"]
+    assert fastv["k"] == 3 and himap["k2"] == 5
+    assert abs(average_tokens(from_params("fastv", {k: v for k, v in fastv.items() if k != "name"}), 8, 144) - 72) <= 1
+    # FastV pruning before layer 3 keeps all 144 tokens in three of eight layers: T >= (3 * 144 + 5) / 8 > 48
+    assert [(u["method"], u["target"]) for u in planned["unreachable"]] == [("fastv", 48.0)]
+    for bad, why in (("fastv.k", "METHOD.FIELD=VALUE"), ("random.k=2", "not one of the swept methods"),
+                     ("fastv.k1=2", "holds k"), ("fastv.k=two", "not a number")):
+        with pytest.raises(UserError, match=why):
+            _config(demo, tmp_path, fix=(bad,))

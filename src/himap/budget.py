@@ -39,6 +39,10 @@ from .policies import POLICIES, Policy, check, defaults, from_params
 HIMAP_R2_PER_R1 = 0.25       # the paper's R2 / R1 = 72 / 288
 
 
+class Unreachable(UserError):
+    """A target outside the range a method's structure can reach on a model."""
+
+
 @dataclass(frozen=True)
 class Rule:
     """How one method meets a budget. ``free`` is the policy field solved for: an image-token count, or with
@@ -140,7 +144,7 @@ def solve(method: str, *, n_layers: int, n_img: int, tokens: float | None = None
     values = [metric(p) for p in candidates]
     if not values[0] - _slack(tokens) <= target <= values[-1] + _slack(tokens):
         what = "average image tokens per layer" if tokens is not None else "FLOPs ratio"
-        raise UserError(f"{method} cannot reach {what} {target:g} on this model: it spans {values[0]:.4g} to "
+        raise Unreachable(f"{method} cannot reach {what} {target:g} on this model: it spans {values[0]:.4g} to "
                         f"{values[-1]:.4g}")
     best = min(range(len(values)), key=lambda i: abs(values[i] - target))
     policy = candidates[best]

@@ -68,7 +68,7 @@ def model_args(policy) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..budget import METHODS, average_tokens, solve
+    from ..budget import METHODS, Unreachable, average_tokens, solve
     from ..errors import UserError
     from ..policies import from_params
 
@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             solved[method] = solve(method, n_layers=n_layers, n_img=n_img, text_config=text, n_text=args.text_tokens,
                                    **target)
-        except UserError as err:
-            if only or args.methods or "cannot reach" not in str(err):   # a method asked for by name must fit
+        except Unreachable as err:
+            if only or args.methods:                  # a method asked for by name must fit
                 raise
             unreachable.append(str(err))
     if not solved:

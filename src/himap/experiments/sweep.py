@@ -42,6 +42,9 @@ class SweepConfig(Source):
                                        nargs="+", type=float)
     flops: tuple[float, ...] = option((), "targets: whole-sequence decoder prefill FLOPs kept, e.g. 0.3 0.5",
                                       nargs="+", type=float)
+    fix: tuple[str, ...] = option((), "hold a method's setting at another value than the published one, "
+                                      "METHOD.FIELD=VALUE (e.g. pdrop.layers=2,6,12 himap.k2=6)", nargs="+",
+                                  type=str)
     text_tokens: int | None = option(None, "non-image prompt tokens a FLOPs target is solved for (default: the "
                                            "mean over the questions' prompts)", type=int)
     batch_size: int = option(1, "questions per generate call (left-padded)")
@@ -51,7 +54,7 @@ class SweepConfig(Source):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("methods", "tokens", "flops"):       # lists from the command line; a repeat is one cell
+        for name in ("methods", "tokens", "flops", "fix"):   # lists from the command line; a repeat is one cell
             object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name) or ())))
         if bool(self.tokens) == bool(self.flops):
             raise UserError("give the targets as --tokens (average image tokens per layer) or --flops (FLOPs "
@@ -64,12 +67,43 @@ class SweepConfig(Source):
         if bad := [t for t in self.tokens if t <= 0]:
             raise UserError(f"--tokens targets must be positive, got {', '.join(map(str, bad))}")
 
+        self.fixed("")                                   # a malformed --fix is one line, before any run
+
+    def fixed(self, method: str) -> dict:
+        """``method``'s settings given with ``--fix`` (a value is an int, a float or a comma list of ints)."""
+        out = {}
+        for item in self.fix:
+            key, eq, value = item.partition("=")
+            owner, dot, name = key.partition(".")
+            if not (eq and dot and owner and name and value):
+                raise UserError(f"--fix {item!r}: write METHOD.FIELD=VALUE, e.g. pdrop.layers=2,6,12")
+            if owner not in self.methods:
+                raise UserError(f"--fix {item!r}: {owner} is not one of the swept methods")
+            if name not in budget.RULES[owner].settings:
+                raise UserError(f"--fix {item!r}: {owner}'s budget rule holds "
+                                f"{', '.join(budget.RULES[owner].settings)}")
+            parsed = _number(value) if "," not in value else tuple(_number(v) for v in value.split(","))
+            if owner == method:
+                out[name] = parsed
+        return out
+
     @property
     def unit(self) -> str:
         return "tokens" if self.tokens else "flops"
 
     def folder(self) -> Path:
         return Path(self.output_dir or Path("runs") / Path(self.model_path).name / "sweep")
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--fix: {text!r} is not a number") from None
 
 
 def plan(cfg: SweepConfig, text_config, n_img: int, n_text: int | None) -> dict:
@@ -82,8 +116,8 @@ def plan(cfg: SweepConfig, text_config, n_img: int, n_text: int | None) -> dict:
         goal = {"tokens": target} if cfg.tokens else {"flops": target, "text_config": text_config, "n_text": n_text}
         for method in cfg.methods:
             try:
-                solved = budget.solve(method, n_layers=n_layers, n_img=n_img, **goal)
-            except UserError as err:
+                solved = budget.solve(method, n_layers=n_layers, n_img=n_img, **goal, **cfg.fixed(method))
+            except budget.Unreachable as err:
                 unreachable.append({"method": method, "target": target, "reason": str(err)})
                 continue
             cells.append({"cell": f"{method}-{'T' if cfg.tokens else 'F'}{target:g}", "method": method,
@@ -210,7 +244,8 @@ def format_markdown(results: dict) -> str:
              "| method | target | settings | accuracy | % of vanilla | prefill ms | FLOPs kept | avg tokens | errors |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        settings = " ".join(f"{k}={v}" for k, v in r["settings"].items()) or "-"
+        settings = " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                            for k, v in r["settings"].items()) or "-"
         lines.append(f"| {r['method']} | {f(r['target'], 'g')} | {settings} | {f(r['accuracy'], '.1%')} | "
                      f"{f(r['of_vanilla'], '.1%')} | {f(r['prefill_ms'], '.1f')} | {f(r['flops_kept'], '.1%')} | "
                      f"{f(r['avg_tokens'], '.1f')} | {r['n_errors']} |")
