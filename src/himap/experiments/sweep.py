@@ -97,12 +97,8 @@ class SweepConfig(Source):
 
 def _number(text: str) -> int | float:
     try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
+        return policies.parse_budget(text)          # an int where it is one, else a float
+    except UserError:
         raise UserError(f"--fix: {text!r} is not a number") from None
 
 
