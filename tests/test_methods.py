@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 import families
 import himap
@@ -209,3 +210,63 @@ def test_dart_settings():
     for bad in ({"pivots_image": -1}, {"pivots_image": 0, "pivots_text": 0}, {"k": 0}):
         with pytest.raises(UserError):
             policies.from_params("dart", bad, n_layers=32)
+
+
+DIVPRUNE = policies.DivPrune(r=0.3)
+
+
+def divprune_brute_force(model, inputs: dict, vis: torch.Tensor, r: float) -> list[list[int]]:
+    """DivPrune by its definition, per sample, on the embeddings entering the decoder: the first pick maximises
+    the distance to its nearest other token, each next one the distance to its nearest picked token."""
+    emb, _ = layer_inputs(model, inputs, 0)
+    out = []
+    for b in range(vis.shape[0]):
+        img = vis[b].nonzero()[:, 0].tolist()
+        x = {t: emb[b, t] / emb[b, t].norm() for t in img}
+        dist = {(i, j): 1.0 - float(x[i] @ x[j]) for i in img for j in img}
+        first = max(img, key=lambda t: min(dist[t, u] for u in img if u != t))
+        picked = [first]
+        for _ in range(round(r * len(img)) - 1):
+            score = {t: min(dist[p, t] for p in picked) for t in img if t not in picked}
+            best = sorted(score, key=lambda t: -score[t])
+            assert score[best[0]] - score[best[1]] > 1e-6, "tie in a pick"
+            picked.append(best[0])
+        out.append(sorted(picked))
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_divprune_kept_sets_equal_brute_force(family):
+    model = families.model(family)
+    inputs = families.inputs(family, families.SAMPLES)
+    with himap.apply(model, DIVPRUNE) as handle:
+        model(**inputs)
+    assert [k.tolist() for k in kept_lists(handle.kept)[0]] == \
+        divprune_brute_force(model, inputs, visual(family, inputs), DIVPRUNE.r)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_divprune_equals_masked_reference(family):
+    assert_equals_masked_reference(family, DIVPRUNE, [0])
+
+
+def test_divprune_ragged_batch_equals_each_alone():
+    assert_batch_equals_alone("qwen2_5_vl", DIVPRUNE)
+
+
+def test_divprune_cached_steps_need_position_ids():
+    """Pruning before layer 0 shortens every cache layer: a hand-written loop must pass position ids; with
+    them it equals generate()."""
+    model = families.model("llava")
+    inputs = families.inputs("llava", families.SAMPLES[0])
+    with himap.apply(model, DIVPRUNE):
+        _, logits = generate(model, inputs)
+        cache = DynamicCache(config=model.config.get_text_config())
+        out = model(**inputs, past_key_values=cache)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1)
+        with pytest.raises(UserError, match="position_ids"):
+            model(input_ids=token, attention_mask=mask, past_key_values=cache)
+        step = model(input_ids=token, attention_mask=mask, past_key_values=cache,
+                     position_ids=mask.sum(1, keepdim=True) - 1).logits[:, -1]
+    torch.testing.assert_close(step, logits[1], atol=1e-5, rtol=0)

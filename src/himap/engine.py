@@ -6,7 +6,9 @@ Hooks on the stock ``transformers`` model, all removed by ``handle.remove()``:
    groups per sample (:mod:`himap.spans`), and the prefill's one host sync, which reads each sample's layout
    (visual-token count, first/last visual and last real position) so that every budget and shape that follows is
    known on the host;
-2. an attention hook (:mod:`himap.hooks`) on layer ``K - 1`` of every stage recomputes, from that layer's
+2. an attention hook (:mod:`himap.hooks`) on layer ``K - 1`` of every stage (layer ``K`` for a stage ranking
+   with its own layer's attention, run once more on the unpruned sequence; none for a selection rule on the
+   hidden states entering layer ``K``, :mod:`himap.selection`) recomputes, from that layer's
    query/key states, the attention of a window of rows holding every voting row, for the whole batch at once,
    and picks each sample's kept visual tokens (sort-based ranks against per-sample counts: no sync);
 3. a pre-hook on every decoder layer from the first pruned one gathers the kept hidden states (at ``K``) and
@@ -20,9 +22,10 @@ itself), so each sample computes exactly what it computes alone.
 
 With a KV cache, each layer's cache holds its own (pruned) length; decode steps append to it. Their mask is
 built from the original positions of the cached keys (padding, causality, the cache layer's sliding window),
-which stays exact whichever layer transformers sized its masks from; decode position ids come from layer 0,
-which is never pruned. Without a cache every forward is a prefill and pruning is recomputed, as in the original
-code. A sample without visual tokens runs unpruned.
+which stays exact whichever layer transformers sized its masks from; decode position ids come from layer 0's
+cache length unless given, so a policy pruning before layer 0 (:mod:`himap.selection`) requires them given.
+Without a cache every forward is a prefill and pruning is recomputed, as in the original code. A sample without
+visual tokens runs unpruned.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from transformers.cache_utils import DynamicLayer
 
 from . import hooks
 from .errors import UserError
-from .models import decoder_layers, follow_kept_slots, language_model, visual_token_ids
+from .models import decoder_layers, follow_kept_slots, inputs_module, language_model, visual_token_ids
 from .policies import POLICIES, Policy, Stage, check, random_kept
 from .spans import PAD, TXT, group_codes, on_model_inputs, visual_mask
 
@@ -122,10 +125,12 @@ class Pruner:
                           for i in range(first, len(layers))}
         scorers: dict[int, list[_Scorer]] = {}
         for i, s in enumerate(self.stages):
-            if s.query != "random":
+            if s.query != "random" and getattr(s, "reads_keys", True):
                 scorers.setdefault(s.layer if s.inside else s.layer - 1, []).append(_Scorer(self, i))
         self._handles = [
             hooks.attach(layers, scorers),          # first: it refuses attention it cannot hook
+            *([inputs_module(model).register_forward_pre_hook(_need_positions, with_kwargs=True)] if first == 0
+              else []),                             # before the episode hook: a refused step changes nothing
             on_model_inputs(model, self._on_inputs),
             *(layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True)
               for i in range(first, len(layers))),
@@ -327,6 +332,15 @@ class Pruner:
                 seq.memo[(name, id(stock))] = cached
             out[name] = cached[1]
         return out
+
+
+def _need_positions(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """A stage before layer 0 prunes every cache layer, and the decoder would take a step's positions from layer
+    0's (pruned) cache length: a cached step must be given its position ids (``generate`` does)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and cache.get_seq_length() > 0 and kwargs.get("position_ids") is None:
+        raise UserError("a policy that prunes before the decoder (layer 0) needs position_ids on KV-cached steps; "
+                        "generate() passes them, a hand-written decoding loop must too")
 
 
 def _range(name: str):

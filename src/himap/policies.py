@@ -239,7 +239,33 @@ class DART:
         return (DartStage(self.k, self.r, pivots_image=self.pivots_image, pivots_text=self.pivots_text),)
 
 
-Policy = HiMAP | FastV | RandomPrune | PyramidDrop | DART
+@register
+@dataclass(frozen=True)
+class DivPrune:
+    """DivPrune (Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models",
+    CVPR 2025; original code: the DivPrune repository's ``DivPrune`` in its LLaVA ``llava_arch.py``). Before the
+    decoder (layer 0), keep ``r`` image tokens chosen from their embeddings entering the decoder by greedy max-min
+    diversity under cosine distance: first the token whose nearest other token is farthest, then each time the
+    token farthest from its nearest chosen one. ``r`` is a count or a fraction (the original's ``threshold_ratio``,
+    ``round(r * n_img)``; default 0.1).
+
+    Deviation: the kept tokens keep their original positions (the original removes the others before the decoder,
+    so the kept ones and the text after them are renumbered contiguously)."""
+
+    name: ClassVar[str] = "divprune"
+    r: Budget = 0.1
+
+    def __post_init__(self):
+        _check_budget("r", self.r)
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        from .selection import DivPruneStage  # torch: imported when a model is pruned, not at CLI start-up
+
+        return (DivPruneStage(0, self.r),)
+
+
+Policy = HiMAP | FastV | RandomPrune | PyramidDrop | DART | DivPrune
 NAMES = ("none", *POLICIES)
 
 
@@ -273,7 +299,8 @@ def defaults(name: str, n_layers: int, seed: int = 0) -> dict:
     """The paper's settings for a decoder of ``n_layers``, budgets as fractions of the image tokens:
     HiMAP k1=2, r1=1/2, k2=n_layers/4 clamped to [3, 8] (8 for LLaVA-1.5's 32 and 40 layers), r2=1/8;
     FastV and random keep 1/2 before layer 2 (FastV's K=2, R=50%); DART k=2, r=128/576 with 4 + 4 pivots;
-    PyramidDrop keeps ratio 1/2 at layers n_layers/4, n_layers/2, 3 n_layers/4 (8, 16, 24 for LLaVA-1.5's 32)."""
+    PyramidDrop keeps ratio 1/2 at layers n_layers/4, n_layers/2, 3 n_layers/4 (8, 16, 24 for LLaVA-1.5's 32);
+    DivPrune keeps 1/10 before the decoder."""
     if name == "himap":
         return {"k1": 2, "r1": 0.5, "k2": min(8, max(3, n_layers // 4)), "r2": 0.125}
     if name == "fastv":
@@ -282,6 +309,8 @@ def defaults(name: str, n_layers: int, seed: int = 0) -> dict:
         return {"k": 2, "r": 0.5, "seed": seed}
     if name == "dart":
         return {"k": 2, "r": 128 / 576, "pivots_image": 4, "pivots_text": 4}
+    if name == "divprune":
+        return {"r": 0.1}
     if name == "pdrop":
         return {"layers": tuple(sorted({max(1, n_layers * q // 4) for q in (1, 2, 3)})), "ratio": 0.5}
     _class(name)

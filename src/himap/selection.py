@@ -9,6 +9,7 @@ highest, ``count(n_img)`` of them per sample. Selection rules of peer methods li
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ class SelectInputs:
 
     hidden: torch.Tensor           # (B, M, d) hidden states entering layer K
     norm: nn.Module                # the decoder's final norm
-    keys: torch.Tensor             # (B, H_kv, M, D) key states of layer K - 1, after RoPE
+    keys: torch.Tensor | None      # (B, H_kv, M, D) key states of layer K - 1, after RoPE (if the rule reads them)
     is_img: torch.Tensor           # (B, M) visual slots still present
     text: torch.Tensor             # (B, M) real tokens after the last visual one
 
@@ -34,6 +35,7 @@ class SelectStage(Stage):
     """A stage whose kept visual tokens come from :meth:`select`, not from attention rows."""
 
     query: str = "hidden"
+    reads_keys: ClassVar[bool] = False   # the rule reads layer K - 1's keys (then K >= 1)
 
     def select(self, inputs: SelectInputs) -> torch.Tensor:
         """(B, M) votes: each sample's ``count(n_img)`` kept visual slots must score highest."""
@@ -46,6 +48,7 @@ class DartStage(SelectStage):
 
     pivots_image: int = 4
     pivots_text: int = 4
+    reads_keys: ClassVar[bool] = True
 
     def quota(self, n_img: int) -> int:
         """Tokens each pivot adds: the budget split evenly over the pivots (rounded down)."""
@@ -86,3 +89,31 @@ class DartStage(SelectStage):
             pick = pos[free][(-sim).topk(quota).indices]                         # the least similar
             keep[pick], free[pick] = True, False
         return keep.float()
+
+
+@dataclass(frozen=True)
+class DivPruneStage(SelectStage):
+    """DivPrune's max-min diversity choice (see :class:`himap.policies.DivPrune`)."""
+
+    def select(self, inputs: SelectInputs) -> torch.Tensor:
+        votes = torch.zeros(inputs.is_img.shape, device=inputs.hidden.device)
+        for b in range(inputs.hidden.shape[0]):
+            img = inputs.is_img[b]
+            if img.any():
+                n_img = int(img.sum())
+                chosen = max_min_diverse(inputs.hidden[b][img], self.count(n_img))      # in the order picked
+                votes[b, img.nonzero()[chosen, 0]] = 1.0
+        return votes
+
+
+def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(k,) rows of ``x`` (n, d) picked greedily by cosine distance: first the row whose nearest other row is
+    farthest, then each time the row whose distance to the nearest picked row is largest."""
+    unit = x / x.norm(dim=1, keepdim=True)
+    dist = 1.0 - unit @ unit.T                                                  # (n, n) cosine distances
+    picked = [int(dist.topk(2, dim=0, largest=False).values[1].argmax())]
+    nearest = dist[picked[0]].clone()                                           # (n,) distance to the picked set
+    for _ in range(1, k):
+        picked.append(int(nearest.argmax()))
+        nearest = torch.minimum(nearest, dist[picked[-1]])
+    return torch.tensor(picked, device=x.device)
