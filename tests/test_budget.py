@@ -41,6 +41,8 @@ def _brute(method: str, n_layers: int, n_img: int) -> list:
     if method == "pdrop":      # PyramidDrop: ratio c / n_img at the quarters of the decoder (8, 16, 24 of 32)
         layers = tuple(sorted({max(1, n_layers * q // 4) for q in (1, 2, 3)}))
         return [POLICIES["pdrop"](layers, c / n_img) for c in range(1, n_img + 1)]
+    if method == "divprune":   # DivPrune selects before the decoder
+        return [POLICIES["divprune"](r) for r in range(1, n_img + 1)]
     return [RandomPrune(2, r) for r in range(1, n_img + 1)]
 
 
@@ -132,7 +134,7 @@ def test_budget_command_prints_eval_flags_and_defaults_to_the_paper_setting(caps
     assert capsys.readouterr().out.split() == "--policy himap --k1 2 --r1 288 --k2 8 --r2 72".split()
     assert main(["budget", "--model-path", "llava-1.5-7b", "--tokens", "144", "--eval-flags", "fastv"]) == 0
     assert capsys.readouterr().out.split() == "--policy fastv --k 2 --r 115".split()
-    assert main(["budget", "--model-path", "llava-1.5-7b", "--tokens", "5"]) == 2
+    assert main(["budget", "--model-path", "llava-1.5-7b", "--tokens", "600"]) == 2
     assert "cannot reach" in capsys.readouterr().err
     assert main(["budget", "--model-path", "llava-1.5-7b", "--eval-flags", "prune"]) == 2
     assert "no budget rule for method 'prune'" in capsys.readouterr().err

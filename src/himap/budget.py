@@ -16,6 +16,7 @@ per method, the only place a method joins the solver):
 - ``himap``: K1 and K2 from :func:`himap.policies.defaults` (the paper's, scaled to the decoder), R2 = R1 / 4 (the
   paper's 72 / 288), rounded, at least 1; R1 is solved;
 - ``fastv`` and ``random``: K from :func:`himap.policies.defaults` (FastV's K = 2); R is solved;
+- ``divprune``: no other setting (it selects before the decoder, so ``T = R``); R is solved;
 - ``pdrop`` (PyramidDrop): its layers from :func:`himap.policies.defaults` (8, 16, 24 on 32 layers); the ratio
   lambda (stage s keeps ``lambda**s`` of the image tokens) is solved.
 
@@ -68,6 +69,7 @@ RULES: dict[str, Rule] = {
     "fastv": Rule("r", ("k",)),
     "random": Rule("r", ("k", "seed")),
     "pdrop": Rule("ratio", ("layers",), ratio=True),      # PyramidDrop: its ratio lambda at its layers
+    "divprune": Rule("r"),                                # before the decoder: T = r
 }
 METHODS = tuple(m for m in RULES if m in POLICIES)      # every registered policy that has a rule
 
