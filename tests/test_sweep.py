@@ -185,3 +185,12 @@ def test_fixed_settings_reach_the_plan(demo, demo_model, tmp_path):
                      ("fastv.k1=2", "holds k"), ("fastv.k=two", "not a number")):
         with pytest.raises(UserError, match=why):
             _config(demo, tmp_path, fix=(bad,))
+
+
+def test_a_method_with_list_settings_resumes(demo, demo_model, tmp_path):
+    """PyramidDrop's layers are a tuple in the policy and a list once stored: the finished cell is reused."""
+    cfg = _config(demo, tmp_path, methods=("pdrop",), tokens=(72.0,), limit=1)
+    first = sweep(cfg, *demo_model)
+    predictions = (tmp_path / "cells" / "pdrop-T72" / "predictions.jsonl").read_bytes()
+    assert _comparable(sweep(cfg, *demo_model)) == _comparable(first)
+    assert (tmp_path / "cells" / "pdrop-T72" / "predictions.jsonl").read_bytes() == predictions

@@ -7,6 +7,7 @@ records that ended in an error are retried.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -140,7 +141,8 @@ def evaluate(cfg: EvalConfig, model=None, processor=None, policy: policies.Polic
     items = cfg.questions()
     run_dir = Path(cfg.output_dir or Path("runs") / Path(cfg.model_path).name / _policy_tag(policy))
     pred_path, summary_path, config_path = cfg.files(run_dir)
-    signature = {**cfg.signature(str(dtype)), "policy": policies.to_params(policy),
+    # as stored (JSON: a policy's tuple of layers comes back a list), so a resumed run compares equal
+    signature = {**cfg.signature(str(dtype)), "policy": json.loads(json.dumps(policies.to_params(policy))),
                  "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed}
     config = {"model": cfg.model_path, "question_file": str(Path(cfg.question_file).resolve()),
               "image_folder": str(Path(cfg.image_folder).resolve()), "policy": signature["policy"],
