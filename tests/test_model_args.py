@@ -4,6 +4,7 @@ import pytest
 
 from himap import FastV, HiMAP, RandomPrune
 from himap.integrations.model_args import PARAM_NAMES, policy_from_args
+from himap.policies import POLICIES, fields
 
 LLAVA_7B = dict(n_layers=32, n_img=576)
 
@@ -16,7 +17,8 @@ def test_unset_values_are_the_papers_settings_for_llava_15():
     assert counts(policy_from_args("himap", {}, **LLAVA_7B)) == counts(HiMAP(k1=2, r1=288, k2=8, r2=72))
     assert counts(policy_from_args("FastV", {"k": None}, **LLAVA_7B)) == counts(FastV(k=2, r=288))
     assert policy_from_args("none", {"k1": None}, **LLAVA_7B) is None
-    assert set(PARAM_NAMES) == {"k1", "r1", "k2", "r2", "k", "r", "seed"}
+    assert {"k1", "r1", "k2", "r2", "k", "r", "seed"} <= set(PARAM_NAMES)
+    assert set(PARAM_NAMES) == {f for name in POLICIES for f in fields(name)}   # every registered policy's
 
 
 def test_given_values_win_and_defaults_scale_to_the_model():
