@@ -260,6 +260,9 @@ def save_organism(model, processor, out_dir: str | Path, config: OrganismConfig,
     return out_dir
 
 
+REPORTED = ("himap", "fastv", "random")   # the paper's comparison; `himap sweep` runs every method
+
+
 # -- acceptance: the project's own eval, vanilla / pruned at one matched budget / image flow blocked ----------
 def organism_report(model_dir: str | Path, out_dir: str | Path, *, n_questions: int = 300, seed: int = 0,
                     batch_size: int = 20, tokens: float | None = None, progress: bool = True) -> dict:
@@ -273,12 +276,12 @@ def organism_report(model_dir: str | Path, out_dir: str | Path, *, n_questions: 
     from dataclasses import replace
 
     from ..analysis.knockout import knockout
-    from ..budget import METHODS, average_tokens, match
+    from ..budget import average_tokens, match
     from ..experiments.eval import EvalConfig, evaluate
     from ..experiments.results import option_letters
     from ..experiments.source import read_questions
     from ..loading import load_model
-    from ..policies import from_params, to_params
+    from ..policies import from_params
     from . import _organism_shape
     from .synthetic import write_questions
 
@@ -295,12 +298,11 @@ def organism_report(model_dir: str | Path, out_dir: str | Path, *, n_questions: 
                       "images"), batch_size=batch_size, max_new_tokens=4, progress=progress)
     if tokens is None:
         tokens = average_tokens(from_params("himap", n_layers=n_layers, n_img=n_img), n_layers, n_img)
-    solved = match(METHODS, n_layers=n_layers, n_img=n_img, tokens=tokens)
+    solved = match(REPORTED, n_layers=n_layers, n_img=n_img, tokens=tokens)
     runs = {"none": evaluate(replace(base, output_dir=str(out_dir / "none")), model, processor)}
     for name, m in solved.items():
-        params = {k: v for k, v in to_params(m.policy).items() if k != "name"}
-        runs[name] = evaluate(replace(base, policy=name, output_dir=str(out_dir / name), **params), model,
-                              processor)
+        runs[name] = evaluate(replace(base, policy=name, output_dir=str(out_dir / name)), model, processor,
+                              policy=m.policy)
     with knockout(model, "img2txt", layers=range(n_layers)):
         runs["img2txt_blocked"] = evaluate(replace(base, output_dir=str(out_dir / "img2txt_blocked")), model,
                                            processor)
