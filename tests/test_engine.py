@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import himap
-from conftest import left_pad_batch, make_inputs
+from conftest import dropped_from_kept, left_pad_batch, make_inputs, masked_reference
 from himap.spans import find_spans
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -14,36 +14,14 @@ def logits(model, inputs):
     return model(**inputs).logits
 
 
-def reference_logits(model, input_ids, pixel_values, dropped):
-    """Unpruned forward, written out layer by layer: from layer K on, the tokens ``dropped[K]`` are masked
-    out as keys (they only still see themselves, which affects no kept token)."""
-    lm = model.model.language_model
-    seen = {}
-    handle = lm.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
-    model(input_ids=input_ids, pixel_values=pixel_values)
-    handle.remove()
-    hidden = seen["inputs_embeds"]
-    n = hidden.shape[1]
-    pos = torch.arange(n)[None]
-    rope = lm.rotary_emb(hidden, pos)
-    allowed = torch.ones(n, n).tril().bool()
-    for i, layer in enumerate(lm.layers):
-        if i in dropped:
-            allowed[:, dropped[i]] = False
-            allowed[dropped[i], dropped[i]] = True
-        mask = torch.zeros(1, 1, n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, position_ids=pos)
-    return model.lm_head(lm.norm(hidden))
-
-
-def dropped_by_layer(policy, kept, spans):
-    img = set(spans.img.tolist())
-    out, left = {}, img
-    for stage, k in zip(policy.stages, kept):
-        now = set(k[0].tolist())
-        out[stage.layer] = torch.tensor(sorted(left - now), dtype=torch.long)
-        left = now
-    return out
+def reference_logits(model, input_ids, pixel_values, policy, kept, prompt_len=None):
+    """The stock model with the image tokens each stage dropped masked out as keys from its layer on (the shared
+    masked reference of conftest), recomputed from scratch; tokens after the prompt's ``prompt_len`` are never
+    dropped, whatever id a decode step produced."""
+    visual = input_ids == model.config.image_token_id
+    visual[:, prompt_len or input_ids.shape[1]:] = False
+    dropped = dropped_from_kept(visual, [s.layer for s in policy.stages], kept)
+    return masked_reference(model, {"input_ids": input_ids, "pixel_values": pixel_values}, dropped).logits
 
 
 def test_keep_everything_is_stock_and_remove_restores(make_model):
@@ -63,7 +41,6 @@ def test_keep_everything_is_stock_and_remove_restores(make_model):
 def test_pruning_equals_masking_prefill_and_decode(make_model, attn, policy):
     model = make_model(attn=attn)
     inputs = make_inputs(model, seed=1)
-    spans = find_spans(inputs["input_ids"], model.config.image_token_id)[0]
     with himap.apply(model, policy) as handle:
         out = model(**inputs, use_cache=True)
         kept = handle.kept
@@ -79,9 +56,8 @@ def test_pruning_equals_masking_prefill_and_decode(make_model, attn, policy):
     lengths = [layer.keys.shape[2] for layer in cache.layers]
     assert lengths[0] == n + 3 and lengths[-1] == n + 3 - 36 + policy.stages[-1].keep
     # the reference: the stock model, masking instead of dropping, recomputed from scratch at every step
-    dropped = dropped_by_layer(policy, kept, spans)
     for step, logit in enumerate(steps):
-        ref = reference_logits(model, ids[:, :n + step], inputs["pixel_values"], dropped)
+        ref = reference_logits(model, ids[:, :n + step], inputs["pixel_values"], policy, kept, prompt_len=n)
         torch.testing.assert_close(logit, ref[:, -1], atol=1e-5, rtol=0)
 
 
@@ -209,5 +185,5 @@ def test_several_images_are_pooled(make_model):
         kept = handle.kept
     assert set(kept[0][0].tolist()) <= set(spans.img.tolist()) and kept[0].shape[1] == 30
     assert out.shape[1] == ids.shape[1] - 72 + 10
-    ref = reference_logits(model, ids, pixels, dropped_by_layer(policy, kept, spans))
+    ref = reference_logits(model, ids, pixels, policy, kept)
     torch.testing.assert_close(out[:, -1], ref[:, -1], atol=1e-5, rtol=0)
