@@ -114,9 +114,11 @@ def generations(results: dict) -> list[str]:
 
 
 def test_registered_through_the_entry_point():
-    from himap.integrations.lmms_eval import HimapLlava
+    from himap.integrations import LMMS_EVAL_MODELS
+    from himap.integrations import lmms_eval as plugin
 
-    assert lmms_eval.models.get_model("himap_llava") is HimapLlava
+    for name, cls in LMMS_EVAL_MODELS.items():
+        assert lmms_eval.models.get_model(name) is getattr(plugin, cls)
 
 
 def test_policy_none_equals_builtin_llava_hf(run):
@@ -220,3 +222,93 @@ def test_cli_writes_results_with_the_himap_report(task_dir, demo, env):
     assert results["throughput"]["avg_himap_r1"] == himap.policies.defaults("himap", layers)["r1"]
     assert results["throughput"]["avg_himap_pruned_prefills"] == 2
     assert "himap_llava: policy HiMAP(" in proc.stdout + proc.stderr
+
+
+# -- Qwen2.5-VL and Qwen3-VL: lmms-eval's qwen2_5_vl / qwen3_vl (chat) and himap_<family> --------------------
+# lmms-eval's classes load bfloat16 and pass images through qwen_vl_utils (its own pixel bounds, 14-pixel patches
+# for Qwen2.5-VL, 16 for Qwen3-VL); Qwen2.5-VL's processor then resizes between min_pixels and max_pixels (given
+# small here: the defaults are for 28-pixel merged patches), Qwen3-VL's is called with do_resize=False.
+QWEN_PIXELS = dict(min_pixels=32 * 32, max_pixels=64 * 64)
+# Qwen3-VL's class also puts its default system prompt first in every conversation.
+# family -> (processor class, video processor class, model class, qwen_vl_utils kwargs, processor kwargs, system)
+QWEN = {"qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor", "Qwen2_5_VLForConditionalGeneration",
+                       dict(image_patch_size=14), {}, None),
+        "qwen3_vl": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor", "Qwen3VLForConditionalGeneration",
+                     dict(image_patch_size=16), dict(do_resize=False), "You are a helpful assistant.")}
+
+
+@pytest.fixture(scope="module", params=list(QWEN))
+def qwen(request, env):
+    """(family, folder): a tiny random checkpoint of the family (the families' test model) with its processor,
+    saved: the stock processor class, with a video processor (torchvision is installed here) so that it saves
+    and loads."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    import transformers
+
+    import families
+
+    name = request.param
+    processor_cls, video_cls = (getattr(transformers, c) for c in QWEN[name][:2])
+    folder, parts = env / name, families.processor(name)
+    families.model(name).save_pretrained(folder)
+    video = video_cls(patch_size=8, merge_size=2, temporal_patch_size=2)
+    processor_cls(image_processor=parts.image_processor, tokenizer=parts.tokenizer, video_processor=video,
+                  chat_template=parts.chat_template).save_pretrained(folder)
+    return name, folder
+
+
+def qwen_reference(qwen, items, policy) -> list[str]:
+    """The pruned model's greedy answers without lmms-eval: the task's prompt written out by hand, the images
+    passed through ``qwen_vl_utils`` and the processor as lmms-eval's class does, the processor's chat template,
+    ``himap.apply``, bfloat16 as lmms-eval loads it."""
+    import torch
+    import transformers
+    from qwen_vl_utils import process_vision_info
+
+    name, folder = qwen
+    _, _, model_cls, vision_kwargs, processor_kwargs, system = QWEN[name]
+    model = getattr(transformers, model_cls).from_pretrained(folder, dtype=torch.bfloat16).eval()
+    processor = transformers.AutoProcessor.from_pretrained(folder, **QWEN_PIXELS)
+    texts = []
+    with apply(model, policy):
+        for it in items:
+            prompt = it.human_turn().removeprefix("<image>\n") + "\n" + SINGLE_PRED_PROMPT
+            chat = [{"role": "user", "content": [{"type": "image", "image": it.render(168)},
+                                                 {"type": "text", "text": prompt}]}]
+            if system is not None:
+                chat.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+            images, _ = process_vision_info(chat, **vision_kwargs)
+            text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            inputs = processor(images=images, text=[text], return_tensors="pt", **processor_kwargs)
+            out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            texts.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+@pytest.fixture(scope="module")
+def run_qwen(task_dir, qwen):
+    manager = TaskManager("WARNING", include_path=str(task_dir))
+
+    def run_(model: str, model_args: str) -> dict:
+        return evaluator.simple_evaluate(
+            model=model, model_args=f"pretrained={qwen[1]},device_map=cpu,{as_model_args(QWEN_PIXELS)},{model_args}",
+            tasks=[TASK], task_manager=manager, device="cpu", log_samples=True, bootstrap_iters=0)
+
+    return run_
+
+
+def test_qwen_policy_none_equals_builtin(run_qwen, qwen):
+    ours, builtin = run_qwen(f"himap_{qwen[0]}", "policy=none"), run_qwen(qwen[0], "batch_size=1")
+    assert generations(ours) == generations(builtin)
+    assert len(generations(ours)) == N_ITEMS and all(generations(ours))
+    assert ours["throughput"]["avg_himap_flops_kept"] == 1.0
+    assert ours["throughput"]["avg_himap_prefills"] == N_ITEMS
+
+
+def test_qwen_policy_himap_equals_direct_apply(run_qwen, qwen, items):
+    params = dict(k1=2, r1=0.5, k2=4, r2=0.25)
+    ours = run_qwen(f"himap_{qwen[0]}", f"policy=himap,{as_model_args(params)}")
+    assert generations(ours) == qwen_reference(qwen, items, HiMAP(**params))
+    report = ours["throughput"]
+    assert report["avg_himap_prefills"] == report["avg_himap_pruned_prefills"] == N_ITEMS
+    assert report["avg_himap_flops_kept"] < 1.0

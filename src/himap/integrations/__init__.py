@@ -1,15 +1,20 @@
 """Integrations with evaluation harnesses. Importing this package imports no harness.
 
 ``lmms_eval_models`` is the payload of the ``lmms_eval.models`` entry point (pyproject.toml): lmms-eval calls
-it while it builds its model registry, so it must stay light; the model class itself lives in
-:mod:`himap.integrations.lmms_eval` and is imported only when ``--model himap_llava`` is resolved.
+it while it builds its model registry, so it must stay light; the model classes live in
+:mod:`himap.integrations.lmms_eval` and are imported only when ``--model himap_<family>`` is resolved.
 """
 
 from __future__ import annotations
 
+LMMS_EVAL_MODELS = {"himap_llava": "HimapLlava", "himap_qwen2_5_vl": "HimapQwen2_5_VL",
+                    "himap_qwen3_vl": "HimapQwen3_VL"}
+
 
 def lmms_eval_models():
-    """The lmms-eval manifest registering ``himap_llava`` (a chat model, like lmms-eval's own ``llava_hf``)."""
+    """The lmms-eval manifests registering every ``himap_<family>`` model (chat models, like lmms-eval's own
+    class each one subclasses)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id="himap_llava", chat_class_path="himap.integrations.lmms_eval.HimapLlava")
+    return [ModelManifest(model_id=name, chat_class_path=f"himap.integrations.lmms_eval.{cls}")
+            for name, cls in LMMS_EVAL_MODELS.items()]

@@ -1,22 +1,25 @@
-"""``himap_llava``: lmms-eval's own llava-hf chat model with HiMAP / FastV / random image-token pruning.
+"""``himap_<family>``: lmms-eval's own model class for a VLM family with HiMAP / FastV / random / ... pruning.
 
     lmms-eval --model himap_llava \
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,policy=himap,k1=2,r1=288,k2=8,r2=72,batch_size=4 \
         --tasks scienceqa_img,mme,pope --output_path results/
 
-The class subclasses ``lmms_eval.models.chat.llava_hf.LlavaHf``: loading, chat template, generation kwargs,
-accelerate data parallelism and the one-request-at-a-time loop (``batch_size=1``) are lmms-eval's. What it adds:
+Models: ``himap_llava`` subclasses ``lmms_eval.models.chat.llava_hf.LlavaHf`` (llava-hf LLaVA-1.5, LLaVA-NeXT
+and LLaVA-OneVision checkpoints: lmms-eval's own ``llava_onevision`` class loads the original repository's code,
+not ``transformers``); ``himap_qwen2_5_vl`` and ``himap_qwen3_vl`` subclass
+``lmms_eval.models.chat.qwen2_5_vl.Qwen2_5_VL`` and ``lmms_eval.models.chat.qwen3_vl.Qwen3_VL``. Loading, chat
+template, generation kwargs and accelerate data parallelism are lmms-eval's. What :class:`HimapModel` adds:
 
 - the policy, applied with :func:`himap.apply` right after loading and validated (with the model's config)
   before any weight is read;
-- ``batch_size > 1``: lmms-eval's llava-hf asserts a batch of 1, so batches run here, left-padded, with the
-  same prompts, images and ``generate`` arguments (requests with different image counts go in separate
-  batches, because a pruned batch needs the same number of image tokens per sample);
 - a report of every run: the policy, the decoder prefill FLOPs kept (FastV's formula, :mod:`himap.flops`, over
   the prefills actually run) and how many prefills were pruned, in the log and in the results JSON's
   ``throughput`` section (``avg_himap_*`` keys);
 - ``batch_size`` (and ``device``) in ``--model_args`` take precedence over the CLI's ``--batch_size`` default,
   and an empty ``device_map`` on one process becomes the device (transformers 5 rejects ``device_map=""``).
+
+``himap_llava`` also runs ``batch_size > 1`` (lmms-eval's llava-hf asserts a batch of 1): left-padded, with the
+same prompts, images and ``generate`` arguments, requests with different image counts in separate batches.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ import inspect
 import itertools
 import time
 
+import torch
 from lmms_eval import utils
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.models.chat.llava_hf import LlavaHf
+from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL
+from lmms_eval.models.chat.qwen3_vl import Qwen3_VL
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
-from lmms_eval.models.simple.llava_hf import LlavaHf as _SimpleLlavaHf
 from lmms_eval.protocol import ChatMessages
 from loguru import logger as eval_logger
 from tqdm import tqdm
@@ -38,11 +43,9 @@ from ..configs import image_tokens_for
 from ..engine import apply
 from ..errors import UserError
 from ..flops import layer_flops, prefill_flops_for
-from ..models import inputs_module
+from ..models import inputs_module, visual_token_ids
 from ..policies import NAMES, to_params
 from .model_args import PARAM_NAMES, policy_from_args
-
-_LLAVA_ARGS = tuple(p for p in inspect.signature(_SimpleLlavaHf.__init__).parameters if p not in ("self", "kwargs"))
 
 
 class PrefillMeter:
@@ -54,7 +57,7 @@ class PrefillMeter:
 
     def __init__(self, model, policy, pruner=None):
         self.text_config, self.policy, self.pruner = model.config.text_config, policy, pruner
-        self.image_token_id = model.config.image_token_id
+        self.visual_ids = torch.tensor(visual_token_ids(model.config))   # image (and video) placeholder ids
         self.prefills = self.pruned = 0
         self.vanilla = self.kept = 0
         self.image_work = self.image_prefills = 0.0
@@ -76,7 +79,7 @@ class PrefillMeter:
         self._batch = input_ids.shape[0]
         mask = kwargs.get("attention_mask")
         for b in range(input_ids.shape[0]):
-            n_img = int((input_ids[b] == self.image_token_id).sum())
+            n_img = int(torch.isin(input_ids[b], self.visual_ids.to(input_ids.device)).sum())
             n_all = int(mask[b].sum()) if mask is not None else input_ids.shape[1]
             self._add(n_img, n_all - n_img)
 
@@ -107,23 +110,30 @@ class PrefillMeter:
             handle.remove()
 
 
-class HimapLlava(LlavaHf):
-    """lmms-eval's ``llava_hf`` (chat) with ``policy=`` any registered policy (or ``none``) and that policy's
-    fields (``k1 r1 k2 r2`` / ``k r seed``); every other model argument is ``llava_hf``'s."""
+class HimapModel:
+    """What every ``himap_<family>`` lmms-eval model adds to lmms-eval's own class for the family (the next base
+    in the MRO): ``policy=`` any registered policy (or ``none``) and that policy's fields, the policy applied with
+    :func:`himap.apply` right after loading and validated before any weight is read, and the FLOPs report.
 
-    is_simple = False
+    A subclass sets ``model_id`` (its lmms-eval name), ``model_types`` (accepted ``config.model_type``) and
+    ``checkpoint`` (what to call such a checkpoint in an error)."""
 
-    def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", policy: str = "none", **kwargs) -> None:
+    model_id: str
+    model_types: tuple[str, ...]
+    checkpoint: str
+
+    def __init__(self, pretrained: str, policy: str = "none", **kwargs) -> None:
         params = {name: kwargs.pop(name) for name in PARAM_NAMES if name in kwargs}
-        unknown = sorted(set(kwargs) - set(_LLAVA_ARGS))
+        known = tuple(p for p in inspect.signature(super().__init__).parameters if p not in ("self", "kwargs"))
+        unknown = sorted(set(kwargs) - set(known))
         if unknown:
-            raise UserError(f"unknown himap_llava model_args {', '.join(unknown)}; known: "
-                            f"{', '.join(('policy', *PARAM_NAMES, *_LLAVA_ARGS))} (policy: {', '.join(NAMES)})")
+            raise UserError(f"unknown {self.model_id} model_args {', '.join(unknown)}; known: "
+                            f"{', '.join(('policy', *PARAM_NAMES, *known))} (policy: {', '.join(NAMES)})")
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(pretrained, revision=kwargs.get("revision", "main"))
-        if getattr(config, "model_type", None) != "llava":
-            raise UserError(f"himap_llava needs a llava-hf LLaVA checkpoint; {pretrained} has model_type "
+        if getattr(config, "model_type", None) not in self.model_types:
+            raise UserError(f"{self.model_id} needs a {self.checkpoint} checkpoint; {pretrained} has model_type "
                             f"{getattr(config, 'model_type', None)!r}")
         self.himap_policy = policy_from_args(policy, params, n_layers=config.text_config.num_hidden_layers,
                                              n_img=image_tokens_for(config))
@@ -135,9 +145,11 @@ class HimapLlava(LlavaHf):
         super().__init__(pretrained=pretrained, **kwargs)
         self.pruner = apply(self.model, self.himap_policy) if self.himap_policy is not None else None
         self.meter = PrefillMeter(self.model, self.himap_policy, self.pruner)
-        eval_logger.info(f"himap_llava: policy {self.himap_policy or 'none'} on {pretrained} "
+        per_image = image_tokens_for(config)
+        eval_logger.info(f"{self.model_id}: policy {self.himap_policy or 'none'} on {pretrained} "
                          f"({config.text_config.num_hidden_layers} decoder layers, "
-                         f"{image_tokens_for(config)} image tokens per image), batch_size={self.batch_size}")
+                         f"{per_image if per_image is not None else 'a varying number of'} image tokens per "
+                         f"image), batch_size={self.batch_size}")
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -152,10 +164,14 @@ class HimapLlava(LlavaHf):
         params = to_params(self.himap_policy)
         return {f"himap_{k}": v for k, v in params.items() if k != "name"} if self.himap_policy else {}
 
+    def _generate(self, requests) -> list:
+        """The generations: lmms-eval's own loop unless a subclass batches differently."""
+        return super().generate_until(requests)
+
     def generate_until(self, requests) -> list:
-        results = super().generate_until(requests) if self.batch_size == 1 else self._generate_batched(requests)
+        results = self._generate(requests)
         report = {**self.policy_settings(), **self.meter.summary()}
-        eval_logger.info(f"himap_llava: policy {self.himap_policy or 'none'}; decoder prefill FLOPs kept "
+        eval_logger.info(f"{self.model_id}: policy {self.himap_policy or 'none'}; decoder prefill FLOPs kept "
                          f"{report['himap_flops_kept']:.4f}, image-token work kept "
                          f"{report['himap_image_work_kept']:.4f}, {report['himap_pruned_prefills']} of "
                          f"{report['himap_prefills']} prefills pruned")
@@ -163,6 +179,19 @@ class HimapLlava(LlavaHf):
         # results["throughput"] as avg_<key>: zero time/tokens leave its throughput untouched.
         log_metrics(total_elapsed_time=0.0, total_gen_tokens=0, avg_speed=0.0, additional_metrics=report)
         return results
+
+
+class HimapLlava(HimapModel, LlavaHf):
+    """``himap_llava``: lmms-eval's ``llava_hf`` (chat; LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision llava-hf
+    checkpoints) with himap's model_args; ``batch_size > 1`` batches here (lmms-eval's loop asserts 1)."""
+
+    model_id, model_types, checkpoint = "himap_llava", ("llava",), "llava-hf LLaVA"
+
+    def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", policy: str = "none", **kwargs) -> None:
+        super().__init__(pretrained, policy, **kwargs)
+
+    def _generate(self, requests) -> list:
+        return super()._generate(requests) if self.batch_size == 1 else self._generate_batched(requests)
 
     # -- batch_size > 1 --------------------------------------------------------------------------------------
     def _generate_batched(self, requests) -> list:
@@ -215,3 +244,23 @@ class HimapLlava(LlavaHf):
         new = cont[:, inputs["input_ids"].shape[1]:]
         lengths = [int((row != self.eot_token_id).sum()) for row in new]
         return list(zip(self.tokenizer.batch_decode(new, skip_special_tokens=True), lengths))
+
+
+class HimapQwen2_5_VL(HimapModel, Qwen2_5_VL):
+    """``himap_qwen2_5_vl``: lmms-eval's ``qwen2_5_vl`` (chat; it loads bfloat16 and batches itself, left-padded)
+    with himap's model_args; images of different sizes may share a batch (the engine prunes ragged batches)."""
+
+    model_id, model_types, checkpoint = "himap_qwen2_5_vl", ("qwen2_5_vl",), "Qwen2.5-VL"
+
+    def __init__(self, pretrained: str = "Qwen/Qwen2.5-VL-7B-Instruct", policy: str = "none", **kwargs) -> None:
+        super().__init__(pretrained, policy, **kwargs)
+
+
+class HimapQwen3_VL(HimapModel, Qwen3_VL):
+    """``himap_qwen3_vl``: lmms-eval's ``qwen3_vl`` (chat; bfloat16, batches itself) with himap's model_args;
+    the engine moves Qwen3-VL's deepstack features with the kept image tokens."""
+
+    model_id, model_types, checkpoint = "himap_qwen3_vl", ("qwen3_vl",), "Qwen3-VL"
+
+    def __init__(self, pretrained: str = "Qwen/Qwen3-VL-4B-Instruct", policy: str = "none", **kwargs) -> None:
+        super().__init__(pretrained, policy, **kwargs)
