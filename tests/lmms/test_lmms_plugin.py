@@ -93,16 +93,26 @@ def task_dir(env, items):
 
 
 @pytest.fixture(scope="module")
-def run(task_dir, demo):
-    """``run(model, model_args)`` -> lmms-eval's results dict (with samples), each configuration run once."""
-    manager, cache = TaskManager("WARNING", include_path=str(task_dir)), {}
+def evaluate(task_dir):
+    """``evaluate(model, model_args)`` -> lmms-eval's results dict (with samples) on the local task, on the CPU."""
+    manager = TaskManager("WARNING", include_path=str(task_dir))
+
+    def evaluate_(model: str, model_args: str) -> dict:
+        return evaluator.simple_evaluate(model=model, model_args=model_args, tasks=[TASK], task_manager=manager,
+                                         device="cpu", log_samples=True, bootstrap_iters=0)
+
+    return evaluate_
+
+
+@pytest.fixture(scope="module")
+def run(evaluate, demo):
+    """``run(model, model_args)`` on the demo checkpoint, each configuration run once."""
+    cache = {}
 
     def run_(model: str, model_args: str) -> dict:
         key = (model, model_args)
         if key not in cache:
-            cache[key] = evaluator.simple_evaluate(
-                model=model, model_args=f"pretrained={demo.model_dir},dtype=float32,{model_args}",
-                tasks=[TASK], task_manager=manager, device="cpu", log_samples=True, bootstrap_iters=0)
+            cache[key] = evaluate(model, f"pretrained={demo.model_dir},dtype=float32,{model_args}")
         return cache[key]
 
     return run_
@@ -131,14 +141,15 @@ def test_policy_none_equals_builtin_llava_hf(run):
     assert ours["throughput"]["avg_himap_pruned_prefills"] == 0
 
 
-def reference_generations(demo, items, policy) -> tuple[list[str], list[int]]:
+def reference_generations(model_dir, items, policy, model_cls=None) -> tuple[list[str], list[int]]:
     """What the pruned model answers without lmms-eval: the task's prompt written out by hand, the processor's
     chat template, ``himap.apply`` and greedy ``generate``. Also the non-image token count of each prompt."""
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(demo.model_dir, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(demo.model_dir)
+    model_cls = model_cls or LlavaForConditionalGeneration
+    model = model_cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
     texts, n_text = [], []
     with apply(model, policy):
         for it in items:
@@ -155,7 +166,7 @@ def reference_generations(demo, items, policy) -> tuple[list[str], list[int]]:
 def test_policy_himap_prunes_and_reports(run, demo, items, shape, himap_args):
     ours = run("himap_llava", f"policy=himap,{as_model_args(himap_args)}")
     policy = HiMAP(**himap_args)
-    expected, n_text = reference_generations(demo, items, policy)
+    expected, n_text = reference_generations(demo.model_dir, items, policy)
     assert generations(ours) == expected
     assert 0.0 <= ours["results"][TASK]["exact_match,none"] <= 1.0
 
@@ -224,6 +235,61 @@ def test_cli_writes_results_with_the_himap_report(task_dir, demo, env):
     assert "himap_llava: policy HiMAP(" in proc.stdout + proc.stderr
 
 
+def save_tiny(env, name: str, video_processor: str | None = None, **video_kwargs) -> Path:
+    """The tiny random checkpoint of family ``name`` (the families' test model) with its processor, saved to a
+    folder. The processor gets a video processor (class ``video_processor``; torchvision is installed here) so
+    that it saves and loads as the stock class."""
+    import copy
+
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    import families
+
+    folder, processor = env / name, copy.copy(families.processor(name))
+    if video_processor is not None:
+        processor.video_processor = getattr(transformers, video_processor)(**video_kwargs)
+    families.model(name).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+# -- LLaVA-NeXT and LLaVA-OneVision llava-hf checkpoints: himap_llava against lmms-eval's llava_hf -------------
+LLAVA_HF = {"llava_next": ("LlavaNextForConditionalGeneration", None),
+            "llava_onevision": ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionVideoProcessor")}
+
+
+@pytest.fixture(scope="module", params=list(LLAVA_HF))
+def llava_hf_family(request, env, evaluate):
+    """(family, folder, run) for a saved tiny llava-hf checkpoint of another family."""
+    name = request.param
+    folder = save_tiny(env, name, LLAVA_HF[name][1])
+
+    def run_(model: str, model_args: str) -> dict:
+        return evaluate(model, f"pretrained={folder},dtype=float32,device_map=cpu,{model_args}")
+
+    return name, folder, run_
+
+
+def test_llava_hf_families_policy_none_equals_builtin(llava_hf_family):
+    _, _, run_ = llava_hf_family
+    ours, builtin = run_("himap_llava", "policy=none"), run_("llava_hf", "")
+    assert generations(ours) == generations(builtin)
+    assert len(generations(ours)) == N_ITEMS and all(generations(ours))
+    assert ours["throughput"]["avg_himap_prefills"] == N_ITEMS
+
+
+def test_llava_hf_families_policy_himap_equals_direct_apply(llava_hf_family, items):
+    import transformers
+
+    name, folder, run_ = llava_hf_family
+    params = dict(k1=2, r1=0.5, k2=4, r2=0.25)
+    ours = run_("himap_llava", f"policy=himap,{as_model_args(params)}")
+    model_cls = getattr(transformers, LLAVA_HF[name][0])
+    assert generations(ours) == reference_generations(folder, items, HiMAP(**params), model_cls)[0]
+    assert ours["throughput"]["avg_himap_pruned_prefills"] == N_ITEMS
+
+
 # -- Qwen2.5-VL and Qwen3-VL: lmms-eval's qwen2_5_vl / qwen3_vl (chat) and himap_<family> --------------------
 # lmms-eval's classes load bfloat16 and pass images through qwen_vl_utils (its own pixel bounds, 14-pixel patches
 # for Qwen2.5-VL, 16 for Qwen3-VL); Qwen2.5-VL's processor then resizes between min_pixels and max_pixels (given
@@ -286,13 +352,9 @@ def qwen_reference(qwen, items, policy) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run_qwen(task_dir, qwen):
-    manager = TaskManager("WARNING", include_path=str(task_dir))
-
+def run_qwen(evaluate, qwen):
     def run_(model: str, model_args: str) -> dict:
-        return evaluator.simple_evaluate(
-            model=model, model_args=f"pretrained={qwen[1]},device_map=cpu,{as_model_args(QWEN_PIXELS)},{model_args}",
-            tasks=[TASK], task_manager=manager, device="cpu", log_samples=True, bootstrap_iters=0)
+        return evaluate(model, f"pretrained={qwen[1]},device_map=cpu,{as_model_args(QWEN_PIXELS)},{model_args}")
 
     return run_
 

@@ -185,7 +185,7 @@ class HimapLlava(HimapModel, LlavaHf):
     """``himap_llava``: lmms-eval's ``llava_hf`` (chat; LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision llava-hf
     checkpoints) with himap's model_args; ``batch_size > 1`` batches here (lmms-eval's loop asserts 1)."""
 
-    model_id, model_types, checkpoint = "himap_llava", ("llava",), "llava-hf LLaVA"
+    model_id, model_types, checkpoint = "himap_llava", ("llava", "llava_next", "llava_onevision"), "llava-hf LLaVA"
 
     def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", policy: str = "none", **kwargs) -> None:
         super().__init__(pretrained, policy, **kwargs)
