@@ -141,14 +141,15 @@ def test_policy_none_equals_builtin_llava_hf(run):
     assert ours["throughput"]["avg_himap_pruned_prefills"] == 0
 
 
-def reference_generations(model_dir, items, policy, model_cls=None) -> tuple[list[str], list[int]]:
+def reference_generations(model_dir, items, policy, model_cls=None, dtype=None,
+                          **processor_kwargs) -> tuple[list[str], list[int]]:
     """What the pruned model answers without lmms-eval: the task's prompt written out by hand, the processor's
     chat template, ``himap.apply`` and greedy ``generate``. Also the non-image token count of each prompt."""
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model_cls = model_cls or LlavaForConditionalGeneration
-    model = model_cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = model_cls.from_pretrained(model_dir, dtype=dtype or torch.float32).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     texts, n_text = [], []
     with apply(model, policy):
@@ -156,7 +157,7 @@ def reference_generations(model_dir, items, policy, model_cls=None) -> tuple[lis
             prompt = it.human_turn().removeprefix("<image>\n") + "\n" + SINGLE_PRED_PROMPT
             chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
             text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-            inputs = processor(images=[it.render(168)], text=text, return_tensors="pt")
+            inputs = processor(images=[it.render(168)], text=text, return_tensors="pt", **processor_kwargs)
             out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
             texts.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
             n_text.append(int((inputs["input_ids"][0] != model.config.image_token_id).sum()))
@@ -254,40 +255,53 @@ def save_tiny(env, name: str, video_processor: str | None = None, **video_kwargs
     return folder
 
 
-# -- LLaVA-NeXT and LLaVA-OneVision llava-hf checkpoints: himap_llava against lmms-eval's llava_hf -------------
-LLAVA_HF = {"llava_next": ("LlavaNextForConditionalGeneration", None),
-            "llava_onevision": ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionVideoProcessor")}
+# -- families whose lmms-eval class prompts as llava_hf does (the processor's chat template, images as given) ---
+# family -> (lmms-eval's model, ours, model class, video processor class, dtype it runs in, extra model_args,
+#            processor kwargs lmms-eval passes). LLaVA-NeXT and LLaVA-OneVision llava-hf checkpoints run through
+# llava_hf; lmms-eval's internvl_hf loads bfloat16 and tiles with min_patches=1, max_patches=12 by default.
+HF_CHAT = {
+    "llava_next": ("llava_hf", "himap_llava", "LlavaNextForConditionalGeneration", None, "float32", "dtype=float32",
+                   {}),
+    "llava_onevision": ("llava_hf", "himap_llava", "LlavaOnevisionForConditionalGeneration",
+                        "LlavaOnevisionVideoProcessor", "float32", "dtype=float32", {}),
+    "internvl": ("internvl_hf", "himap_internvl", "InternVLForConditionalGeneration", "InternVLVideoProcessor",
+                 "bfloat16", "", dict(min_patches=1, max_patches=12)),
+}
 
 
-@pytest.fixture(scope="module", params=list(LLAVA_HF))
-def llava_hf_family(request, env, evaluate):
-    """(family, folder, run) for a saved tiny llava-hf checkpoint of another family."""
+@pytest.fixture(scope="module", params=list(HF_CHAT))
+def hf_chat(request, env, evaluate):
+    """(family, folder, run) for a saved tiny checkpoint of the family."""
     name = request.param
-    folder = save_tiny(env, name, LLAVA_HF[name][1])
+    folder, extra = save_tiny(env, name, HF_CHAT[name][3]), HF_CHAT[name][5]
 
     def run_(model: str, model_args: str) -> dict:
-        return evaluate(model, f"pretrained={folder},dtype=float32,device_map=cpu,{model_args}")
+        return evaluate(model, ",".join(a for a in (f"pretrained={folder},device_map=cpu", extra, model_args) if a))
 
     return name, folder, run_
 
 
-def test_llava_hf_families_policy_none_equals_builtin(llava_hf_family):
-    _, _, run_ = llava_hf_family
-    ours, builtin = run_("himap_llava", "policy=none"), run_("llava_hf", "")
+def test_hf_chat_families_policy_none_equals_builtin(hf_chat):
+    name, _, run_ = hf_chat
+    builtin, ours = HF_CHAT[name][:2]
+    ours, builtin = run_(ours, "policy=none"), run_(builtin, "")
     assert generations(ours) == generations(builtin)
     assert len(generations(ours)) == N_ITEMS and all(generations(ours))
     assert ours["throughput"]["avg_himap_prefills"] == N_ITEMS
 
 
-def test_llava_hf_families_policy_himap_equals_direct_apply(llava_hf_family, items):
+def test_hf_chat_families_policy_himap_equals_direct_apply(hf_chat, items):
+    import torch
     import transformers
 
-    name, folder, run_ = llava_hf_family
+    name, folder, run_ = hf_chat
+    _, ours, model_cls, _, dtype, _, processor_kwargs = HF_CHAT[name]
     params = dict(k1=2, r1=0.5, k2=4, r2=0.25)
-    ours = run_("himap_llava", f"policy=himap,{as_model_args(params)}")
-    model_cls = getattr(transformers, LLAVA_HF[name][0])
-    assert generations(ours) == reference_generations(folder, items, HiMAP(**params), model_cls)[0]
-    assert ours["throughput"]["avg_himap_pruned_prefills"] == N_ITEMS
+    result = run_(ours, f"policy=himap,{as_model_args(params)}")
+    expected, _ = reference_generations(folder, items, HiMAP(**params), getattr(transformers, model_cls),
+                                        getattr(torch, dtype), **processor_kwargs)
+    assert generations(result) == expected
+    assert result["throughput"]["avg_himap_pruned_prefills"] == N_ITEMS
 
 
 # -- Qwen2.5-VL and Qwen3-VL: lmms-eval's qwen2_5_vl / qwen3_vl (chat) and himap_<family> --------------------

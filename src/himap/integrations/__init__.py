@@ -8,7 +8,7 @@ it while it builds its model registry, so it must stay light; the model classes 
 from __future__ import annotations
 
 LMMS_EVAL_MODELS = {"himap_llava": "HimapLlava", "himap_qwen2_5_vl": "HimapQwen2_5_VL",
-                    "himap_qwen3_vl": "HimapQwen3_VL"}
+                    "himap_qwen3_vl": "HimapQwen3_VL", "himap_internvl": "HimapInternVL"}
 
 
 def lmms_eval_models():

@@ -31,6 +31,7 @@ import time
 import torch
 from lmms_eval import utils
 from lmms_eval.api.instance import GenerationResult, TokenCounts
+from lmms_eval.models.chat.internvl_hf import InternVLHf
 from lmms_eval.models.chat.llava_hf import LlavaHf
 from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL
 from lmms_eval.models.chat.qwen3_vl import Qwen3_VL
@@ -263,4 +264,14 @@ class HimapQwen3_VL(HimapModel, Qwen3_VL):
     model_id, model_types, checkpoint = "himap_qwen3_vl", ("qwen3_vl",), "Qwen3-VL"
 
     def __init__(self, pretrained: str = "Qwen/Qwen3-VL-4B-Instruct", policy: str = "none", **kwargs) -> None:
+        super().__init__(pretrained, policy, **kwargs)
+
+
+class HimapInternVL(HimapModel, InternVLHf):
+    """``himap_internvl``: lmms-eval's ``internvl_hf`` (chat; ``transformers``' InternVL checkpoints, bfloat16)
+    with himap's model_args."""
+
+    model_id, model_types, checkpoint = "himap_internvl", ("internvl",), "InternVL (-hf)"
+
+    def __init__(self, pretrained: str = "OpenGVLab/InternVL3_5-8B-HF", policy: str = "none", **kwargs) -> None:
         super().__init__(pretrained, policy, **kwargs)
