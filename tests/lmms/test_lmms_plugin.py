@@ -388,3 +388,45 @@ def test_qwen_policy_himap_equals_direct_apply(run_qwen, qwen, items):
     report = ours["throughput"]
     assert report["avg_himap_prefills"] == report["avg_himap_pruned_prefills"] == N_ITEMS
     assert report["avg_himap_flops_kept"] < 1.0
+
+
+# -- Gemma 3: lmms-eval's gemma3 (simple) ------------------------------------------------------------------------
+# It loads bfloat16, puts its default system prompt first, passes each image as a JPEG (quality 85) data URL and
+# tokenizes through the processor's chat template padded to a multiple of 8.
+def gemma3_reference(folder, items, policy) -> list[str]:
+    """The pruned Gemma 3's greedy answers without lmms-eval, the prompt and image encoding written out here."""
+    import base64
+    import io
+
+    import torch
+    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+    model = Gemma3ForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    texts = []
+    with apply(model, policy):
+        for it in items:
+            jpeg = io.BytesIO()
+            it.render(168).convert("RGB").save(jpeg, format="JPEG", quality=85)
+            url = "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode()
+            prompt = it.human_turn().removeprefix("<image>\n") + "\n" + SINGLE_PRED_PROMPT
+            chat = [{"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]},
+                    {"role": "user", "content": [{"type": "image", "image": url}, {"type": "text", "text": prompt}]}]
+            inputs = processor.apply_chat_template([chat], add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                   return_tensors="pt",
+                                                   processor_kwargs={"padding": True, "pad_to_multiple_of": 8})
+            out = model.generate(**inputs.to(dtype=torch.bfloat16), max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            texts.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+def test_gemma3_none_equals_builtin_and_himap_equals_direct_apply(env, evaluate, items):
+    folder = save_tiny(env, "gemma3")
+    args = f"pretrained={folder},device_map=cpu"
+    ours, builtin = evaluate("himap_gemma3", f"{args},policy=none"), evaluate("gemma3", args)
+    assert generations(ours) == generations(builtin)
+    assert len(generations(ours)) == N_ITEMS and all(generations(ours))
+    params = dict(k1=2, r1=0.5, k2=4, r2=0.25)
+    pruned = evaluate("himap_gemma3", f"{args},policy=himap,{as_model_args(params)}")
+    assert generations(pruned) == gemma3_reference(folder, items, HiMAP(**params))
+    assert pruned["throughput"]["avg_himap_pruned_prefills"] == N_ITEMS

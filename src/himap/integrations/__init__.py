@@ -8,7 +8,10 @@ it while it builds its model registry, so it must stay light; the model classes 
 from __future__ import annotations
 
 LMMS_EVAL_MODELS = {"himap_llava": "HimapLlava", "himap_qwen2_5_vl": "HimapQwen2_5_VL",
-                    "himap_qwen3_vl": "HimapQwen3_VL", "himap_internvl": "HimapInternVL"}
+                    "himap_qwen3_vl": "HimapQwen3_VL", "himap_internvl": "HimapInternVL",
+                    "himap_gemma3": "HimapGemma3"}
+
+SIMPLE = {"himap_gemma3"}   # subclasses of an lmms-eval "simple" (not chat) model
 
 
 def lmms_eval_models():
@@ -16,5 +19,6 @@ def lmms_eval_models():
     class each one subclasses)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [ModelManifest(model_id=name, chat_class_path=f"himap.integrations.lmms_eval.{cls}")
+    return [ModelManifest(model_id=name, **{f"{'simple' if name in SIMPLE else 'chat'}_class_path":
+                                            f"himap.integrations.lmms_eval.{cls}"})
             for name, cls in LMMS_EVAL_MODELS.items()]

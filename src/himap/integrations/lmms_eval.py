@@ -36,6 +36,7 @@ from lmms_eval.models.chat.llava_hf import LlavaHf
 from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL
 from lmms_eval.models.chat.qwen3_vl import Qwen3_VL
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from lmms_eval.models.simple.gemma3 import Gemma3
 from lmms_eval.protocol import ChatMessages
 from loguru import logger as eval_logger
 from tqdm import tqdm
@@ -274,4 +275,13 @@ class HimapInternVL(HimapModel, InternVLHf):
     model_id, model_types, checkpoint = "himap_internvl", ("internvl",), "InternVL (-hf)"
 
     def __init__(self, pretrained: str = "OpenGVLab/InternVL3_5-8B-HF", policy: str = "none", **kwargs) -> None:
+        super().__init__(pretrained, policy, **kwargs)
+
+
+class HimapGemma3(HimapModel, Gemma3):
+    """``himap_gemma3``: lmms-eval's ``gemma3`` (simple; bfloat16, batches itself) with himap's model_args."""
+
+    model_id, model_types, checkpoint = "himap_gemma3", ("gemma3",), "Gemma 3"
+
+    def __init__(self, pretrained: str = "google/gemma-3-27b-it", policy: str = "none", **kwargs) -> None:
         super().__init__(pretrained, policy, **kwargs)
