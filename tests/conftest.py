@@ -172,6 +172,16 @@ def dropped_from_kept(visual: torch.Tensor, layers: list[int], kept) -> dict[int
     return out
 
 
+def drop_all_but(stage: list[torch.Tensor], alive: torch.Tensor, dropped: dict, layer: int) -> torch.Tensor:
+    """Record in ``dropped[layer]`` the ``alive`` (B, T) positions that ``stage`` (per sample, kept positions)
+    does not keep, and return the new alive mask."""
+    keep = torch.zeros_like(alive)
+    for b, positions in enumerate(stage):
+        keep[b, positions] = True
+    dropped[layer] = alive & ~keep
+    return keep
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Brute-force kept sets, from eager ``output_attentions`` (head mean), per sample; and the budget rule.
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,11 +236,7 @@ def brute_force_kept(model_eager, inputs: dict, visual: torch.Tensor, policy) ->
             else:
                 scores = attn[b, -1, cols]
             stage.append(top_positions(scores, cols, budget(r, int(visual[b].sum()))))
-        keep = torch.zeros_like(visual)
-        for b, positions in enumerate(stage):
-            keep[b, positions] = True
-        dropped[layer] = alive & ~keep
-        alive = keep
+        alive = drop_all_but(stage, alive, dropped, layer)
         kept.append(stage)
     return kept
 

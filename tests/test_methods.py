@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 import families
 import himap
-from conftest import dropped_from_kept, head_mean_attention, masked_reference, top_positions
+from conftest import drop_all_but, dropped_from_kept, head_mean_attention, masked_reference, top_positions
 from family_checks import STEPS, generate, kept_lists, visual
 from himap import policies
 from himap.errors import UserError
@@ -39,11 +39,7 @@ def pdrop_brute_force(eager, inputs: dict, vis: torch.Tensor, layers, ratio: flo
             cols = alive[b].nonzero()[:, 0]
             n = max(1, math.floor(float(f"{ratio ** s:.12g}") * int(vis[b].sum())))
             stage.append(top_positions(attn[b, last, cols], cols, n))
-        keep = torch.zeros_like(vis)
-        for b, positions in enumerate(stage):
-            keep[b, positions] = True
-        dropped[layer] = alive & ~keep
-        alive = keep
+        alive = drop_all_but(stage, alive, dropped, layer)
         kept.append(stage)
     return kept
 
