@@ -13,5 +13,5 @@ start=$(date +%s)
 [ -d "$VENV" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "${PAIR[@]}" -e ".[dev,lmms]"
-"$VENV/bin/python" -c "import torchvision, lmms_eval.models as m; m.get_model('himap_llava')"
-echo "lmms-eval plugin installed in $VENV in $(( $(date +%s) - start )) s: $VENV/bin/lmms-eval --model himap_llava ..."
+"$VENV/bin/python" -c "import torchvision, lmms_eval.models as m; from himap.integrations import LMMS_EVAL_MODELS as h; [m.get_model(n) for n in h]"
+echo "lmms-eval plugin installed in $VENV in $(( $(date +%s) - start )) s: $VENV/bin/lmms-eval --model himap_llava|himap_qwen2_5_vl|himap_qwen3_vl|himap_internvl|himap_gemma3 ..."
