@@ -12,6 +12,7 @@ import pytest
 
 lmms_eval = pytest.importorskip("lmms_eval")
 
+from lmms_fixtures import env, evaluate, items, task_dir  # noqa: E402, F401  (fixtures)
 from lmms_task import MAX_NEW_TOKENS, N_ITEMS, as_model_args, generations, reference_generations, save_tiny  # noqa: E402
 
 from himap import HiMAP, apply  # noqa: E402

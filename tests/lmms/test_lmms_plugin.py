@@ -17,6 +17,7 @@ import pytest
 lmms_eval = pytest.importorskip("lmms_eval")
 datasets = pytest.importorskip("datasets")
 
+from lmms_fixtures import env, evaluate, items, task_dir  # noqa: E402, F401  (fixtures)
 from lmms_task import N_ITEMS, TASK, as_model_args, generations, reference_generations  # noqa: E402
 
 import himap  # noqa: E402

@@ -1,6 +1,7 @@
 """Fixtures of the lmms-eval plugin tests: an offline environment, the synthetic items, the local
 ScienceQA-IMG-schema task and lmms-eval's evaluator on it. lmms-eval and datasets are imported inside the
-fixtures: the core venv (without them) collects this folder and skips its tests."""
+fixtures: the core venv (without them) collects this folder and skips its tests. Test modules import these
+fixtures by name (a second ``conftest.py`` here would shadow ``tests/conftest.py``, which tests import from)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,6 @@ def env(tmp_path_factory):
                             "LMMS_EVAL_DATASETS_CACHE": str(root / "datasets")}.items():
             mp.setenv(name, value)
         yield root
-
-
 
 
 @pytest.fixture(scope="session")
