@@ -24,6 +24,8 @@ With a KV cache, each layer's cache holds its own (pruned) length; decode steps 
 built from the original positions of the cached keys (padding, causality, the cache layer's sliding window),
 which stays exact whichever layer transformers sized its masks from; decode position ids come from layer 0's
 cache length unless given, so a policy pruning before layer 0 (:mod:`himap.selection`) requires them given.
+A merge stage (:mod:`himap.merging`) also returns the hidden states its kept slots are gathered from, so they
+carry its merged features from layer 0 on.
 Without a cache every forward is a prefill and pruning is recomputed, as in the original code. A sample without
 visual tokens runs unpruned.
 """
@@ -41,6 +43,7 @@ from torch.profiler import record_function
 
 from . import hooks, restrict
 from .errors import UserError
+from .merging import MergeStage
 from .models import decoder_layers, follow_kept_slots, inputs_module, language_model, visual_token_ids
 from .policies import POLICIES, Policy, Stage, check, random_kept
 from .spans import PAD, TXT, group_codes, on_model_inputs, visual_mask
@@ -103,6 +106,7 @@ class _Episode:
     step_memo: dict = field(default_factory=dict)
     kept: tuple | None = None
     keys: torch.Tensor | None = None   # (B, H_kv, M, D) keys a selection stage reads, from the layer before it
+    merged: torch.Tensor | None = None   # (B, M, d) hidden states a merge stage rewrote, gathered in their place
 
 
 class Pruner:
@@ -117,6 +121,8 @@ class Pruner:
         check(policy, self._n_layers)
         self.visual_ids = visual_token_ids(model)
         self._episode: _Episode | None = None
+        # merge rules bound to the model: refused here, before any hook is installed
+        self._mergers = {s: s.merger(model) for s in self.stages if isinstance(s, MergeStage)}
         self._checked: set[int] = set()            # visual-token counts the policy was checked against
         first = self.stages[0].layer
         # layer -> the stage whose sequence it runs on (host table: no search per forward)
@@ -128,6 +134,7 @@ class Pruner:
                 scorers.setdefault(s.layer if s.inside else s.layer - 1, []).append(_Scorer(self, i))
         self._handles = [
             hooks.attach(layers, scorers),          # first: it refuses attention it cannot hook
+            *(merger.install() for merger in self._mergers.values()),
             *([inputs_module(model).register_forward_pre_hook(_need_positions, with_kwargs=True)] if first == 0
               else []),                             # before the episode hook: a refused step changes nothing
             on_model_inputs(model, self._on_inputs),
@@ -227,12 +234,13 @@ class Pruner:
         last = width - torch.tensor(lay.from_end, device=seq.index.device)
         return lo, hi, torch.arange(lo, hi, device=last.device) == last[:, None]
 
-    def resolve(self, stage: Stage, votes: torch.Tensor | None) -> None:
+    def resolve(self, stage: Stage, votes: torch.Tensor | None, counts: list[int] | None = None) -> None:
         """Fix the next sequence: ``votes`` (B, M) scores the slots of the current one (only visual slots count);
-        None draws the kept tokens at random (seeded, per sample)."""
+        None draws the kept tokens at random (seeded, per sample). ``counts``: visual slots each sample keeps, if
+        not the stage's count of its visual tokens."""
         ep = self._episode
         prev, lay = ep.seqs[-1], ep.layout
-        counts = [0 if n == 0 else stage.count(n) for n in lay.n_img]
+        counts = counts or [0 if n == 0 else stage.count(n) for n in lay.n_img]
         if votes is None:
             votes = _random_votes(prev.is_img, prev.counts, counts, stage.seed)
         keep = ~prev.is_img
@@ -306,12 +314,19 @@ class Pruner:
         hidden = args[0] if args else kwargs["hidden_states"]                   # (B, M, d)
         inputs = SelectInputs(hidden, language_model(self.model).norm, ep.keys, seq.is_img, seq.codes == TXT)
         with _range("himap.score"):
-            self.resolve(stage, stage.select(inputs))
+            merger = self._mergers.get(stage)
+            if merger is None:
+                self.resolve(stage, stage.select(inputs))
+            else:
+                merged = merger.merge(inputs)
+                self.resolve(stage, merged.votes, merged.counts)
+                ep.merged = merged.hidden
         ep.keys = None
 
-    @staticmethod
-    def _gather_hidden(local: torch.Tensor, args: tuple, kwargs: dict) -> tuple:
+    def _gather_hidden(self, local: torch.Tensor, args: tuple, kwargs: dict) -> tuple:
         hidden = args[0] if args else kwargs.pop("hidden_states")
+        if self._episode.merged is not None:                                # a merge stage's features
+            hidden, self._episode.merged = self._episode.merged, None
         return (restrict.take(hidden, 1, local), *args[1:])
 
     def _restricted(self, ep: _Episode, s: int, layer_idx: int, args: tuple, kwargs: dict) -> dict:

@@ -265,7 +265,37 @@ class DivPrune:
         return (DivPruneStage(0, self.r),)
 
 
-Policy = HiMAP | FastV | RandomPrune | PyramidDrop | DART | DivPrune
+@register
+@dataclass(frozen=True)
+class AvgPool:
+    """Average pooling before the decoder, the pooling baseline of token-reduction papers (e.g. Cai et al.,
+    "Matryoshka Multimodal Models", ICLR 2025, which average-pools LLaVA-1.5's 24 x 24 grid to 12 x 12, 6 x 6,
+    ...). Each image's token grid, h x w (per family, :mod:`himap.merging`:
+    LLaVA-1.5, Gemma 3, InternVL tiles, Mistral 3 and Qwen2/2.5-VL images), is average-pooled on the features
+    entering the decoder (the projected image features) to h' x w' = max(1, round(h s)) x max(1, round(w s)),
+    s = sqrt(r / n_img) (``r`` a count, or a fraction of the sample's image tokens), with torch's
+    ``adaptive_avg_pool2d`` windows: rows floor(i h / h') to ceil((i + 1) h / h'), columns alike. ``r = 64`` on
+    LLaVA-1.5's 24 x 24 grid is 8 x 8 windows of 3 x 3; a fraction 1/4 is 12 x 12. The sample keeps the sum of
+    h' w' over its grids (exactly ``r`` where each side times s is whole); other families are refused.
+
+    Deviation: each pooled token takes the slot (the position) of its window's top-left token, so the kept
+    tokens keep their original positions; pooling in the original LLaVA-style baselines shortens the sequence and
+    renumbers it contiguously."""
+
+    name: ClassVar[str] = "pool"
+    r: Budget = 64
+
+    def __post_init__(self):
+        _check_budget("r", self.r)
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        from .merging import PoolStage  # torch: imported when a model is pruned, not at CLI start-up
+
+        return (PoolStage(0, self.r),)
+
+
+Policy = HiMAP | FastV | RandomPrune | PyramidDrop | DART | DivPrune | AvgPool
 NAMES = ("none", *POLICIES)
 
 
@@ -300,7 +330,7 @@ def defaults(name: str, n_layers: int, seed: int = 0) -> dict:
     HiMAP k1=2, r1=1/2, k2=n_layers/4 clamped to [3, 8] (8 for LLaVA-1.5's 32 and 40 layers), r2=1/8;
     FastV and random keep 1/2 before layer 2 (FastV's K=2, R=50%); DART k=2, r=128/576 with 4 + 4 pivots;
     PyramidDrop keeps ratio 1/2 at layers n_layers/4, n_layers/2, 3 n_layers/4 (8, 16, 24 for LLaVA-1.5's 32);
-    DivPrune keeps 1/10 before the decoder."""
+    DivPrune keeps 1/10 before the decoder; average pooling 64/576 (LLaVA-1.5's 24 x 24 grid to 8 x 8)."""
     if name == "himap":
         return {"k1": 2, "r1": 0.5, "k2": min(8, max(3, n_layers // 4)), "r2": 0.125}
     if name == "fastv":
@@ -311,6 +341,8 @@ def defaults(name: str, n_layers: int, seed: int = 0) -> dict:
         return {"k": 2, "r": 128 / 576, "pivots_image": 4, "pivots_text": 4}
     if name == "divprune":
         return {"r": 0.1}
+    if name == "pool":
+        return {"r": 64 / 576}
     if name == "pdrop":
         return {"layers": tuple(sorted({max(1, n_layers * q // 4) for q in (1, 2, 3)})), "ratio": 0.5}
     _class(name)

@@ -1,0 +1,222 @@
+"""Stages that replace features: the visual slots they keep carry new hidden states (averages of several tokens).
+
+A :class:`MergeStage` is a :class:`~himap.selection.SelectStage` before the decoder (layer 0) whose rule needs the
+model. ``stage.merger(model)`` checks that the rule is defined on the model (one :class:`UserError` line naming
+the family otherwise) and returns a :class:`Merger`: its ``install()`` adds the removable hooks the rule reads
+from (the ids given to the model, the vision tower), and on every prefill its ``merge(inputs)`` returns a
+:class:`Merged`: the votes (B, M) (1 at the slots it keeps), the hidden states (B, M, d) the kept slots are
+gathered from (the ones entering the decoder, with the merged features written at the kept slots) and the
+number of slots each sample keeps. The engine keeps exactly those slots, with their original positions, and runs
+the decoder on them as for any stage; decode steps read the KV cache.
+
+Average pooling (:class:`PoolStage`) is defined on each image's token grid, which :func:`image_grids` derives per
+family; a family whose grid is not known exactly is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+from .models import family_of, inputs_module, visual_token_ids
+from .selection import SelectInputs, SelectStage
+
+
+@dataclass
+class Merged:
+    """What a merge rule decided for one prefill."""
+
+    votes: torch.Tensor            # (B, M) 1.0 at the kept visual slots
+    hidden: torch.Tensor           # (B, M, d) the hidden states to gather the kept slots from
+    counts: list[int]              # visual slots each sample keeps
+
+
+class Merger:
+    """A merge rule bound to one model: ``install()`` adds its hooks, ``remove()`` takes them off."""
+
+    def __init__(self):
+        self._handles: list = []
+
+    def hooks(self) -> list:
+        """Install the removable hooks this rule reads from and return their handles (none by default)."""
+        return []
+
+    def install(self) -> Merger:
+        self._handles = self.hooks()
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def merge(self, inputs: SelectInputs) -> Merged:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class MergeStage(SelectStage):
+    """A stage before the decoder whose kept visual slots carry merged features (see the module docstring)."""
+
+    def merger(self, model: nn.Module) -> Merger:
+        raise NotImplementedError
+
+
+# -- image grids ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GridRule:
+    """How a family lays out its image tokens: each image's tokens are consecutive among the sample's visual
+    tokens, row-major, in a ``side`` x ``side`` grid (per image, or per InternVL tile), or in the grid ``sizes``
+    reads from the keyword arguments of the vision tower's call (per image of the batch, in order)."""
+
+    side: int | None = None
+    unit: str = "image"
+    sizes: Callable[[dict], list[tuple[int, int]]] | None = None
+
+    def grids(self, tower_kwargs: dict, n_img: list[int]) -> list[list[tuple[int, int]]]:
+        """Per sample with ``n_img[b]`` visual tokens, the (rows, cols) of each of its grids."""
+        if self.side is not None:
+            area = self.side * self.side
+            for b, n in enumerate(n_img):
+                if n % area:
+                    raise UserError(f"sample {b} has {n} image tokens, not whole {self.side}x{self.side} {self.unit}s")
+            return [[(self.side, self.side)] * (n // area) for n in n_img]
+        queue, out = self.sizes(tower_kwargs), []
+        for b, n in enumerate(n_img):
+            own = []
+            while n > sum(h * w for h, w in own) and queue:
+                own.append(queue.pop(0))
+            if sum(h * w for h, w in own) != n:
+                raise UserError(f"sample {b}'s {n} image tokens do not match its images' grids {own}")
+            out.append(own)
+        return out
+
+
+def image_grids(model: nn.Module, what: str) -> GridRule:
+    """The :class:`GridRule` of ``model``'s family; one error line for a family whose grids are not known exactly
+    (``what`` names the method)."""
+    config = model.config
+    family = family_of(model).name
+    if family == "LLaVA-1.5":
+        vision = config.vision_config
+        tower = getattr(vision, "model_type", None)
+        strategy = config.vision_feature_select_strategy
+        if (tower, strategy) not in (("clip_vision_model", "default"), ("siglip_vision_model", "full")):
+            raise UserError(f"{what} needs the image tokens to be the vision tower's patch grid; a LLaVA-1.5 model "
+                            f"with a {tower} tower and vision_feature_select_strategy={strategy!r} is not supported")
+        return GridRule(vision.image_size // vision.patch_size)
+    if family == "Gemma 3":
+        return GridRule(_side(config.mm_tokens_per_image, "mm_tokens_per_image", what))
+    if family == "InternVL":
+        return GridRule(_side(config.image_seq_length, "image_seq_length", what), "tile")
+    if family == "Mistral 3":                  # the Pixtral tower's image_sizes (pixels), patches merged 2 x 2
+        step = config.vision_config.patch_size * config.spatial_merge_size
+        return GridRule(sizes=lambda kw: [(h // step, w // step) for h, w in _rows(kw, "image_sizes")])
+    if family in ("Qwen2-VL", "Qwen2.5-VL"):   # the tower's grid_thw (patches), merged m x m, t frames
+        m = config.vision_config.spatial_merge_size
+        return GridRule(sizes=lambda kw: [(h // m, w // m) for t, h, w in _rows(kw, "grid_thw") for _ in range(t)])
+    why = {"LLaVA-NeXT": "any-resolution tiles, unpadded, with newline tokens",
+           "LLaVA-OneVision": "any-resolution tiles, unpadded, with newline tokens",
+           "Qwen3-VL": "its deepstack features would need merging too"}.get(family, "its layout")
+    raise UserError(f"{what} is not supported on {family} ({why}); it supports LLaVA-1.5, Qwen2-VL, "
+                    f"Qwen2.5-VL, InternVL, Gemma 3 and Mistral 3")
+
+
+def vision_tower(model: nn.Module) -> nn.Module:
+    """The vision encoder module (``vision_tower``, or Qwen's ``visual``)."""
+    inner = inputs_module(model)
+    return inner.vision_tower if hasattr(inner, "vision_tower") else inner.visual
+
+
+def _side(count: int, field: str, what: str) -> int:
+    side = math.isqrt(count)
+    if side * side != count:
+        raise UserError(f"{what} needs square image grids; {field}={count} is not a square")
+    return side
+
+
+def _rows(kwargs: dict, name: str) -> list[list[int]]:
+    return [[int(v) for v in row] for row in kwargs[name].tolist()]
+
+
+# -- average pooling -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PoolStage(MergeStage):
+    """Average pooling of each image grid (see :class:`himap.policies.AvgPool`)."""
+
+    def scale(self, n_img: int) -> float:
+        """How each grid side shrinks: ``sqrt(budget / n_img)`` (the budget a count or a fraction)."""
+        return math.sqrt(super().count(n_img) / n_img)
+
+    def out_grid(self, h: int, w: int, scale: float) -> tuple[int, int]:
+        return max(1, min(h, round(h * scale))), max(1, min(w, round(w * scale)))
+
+    def count(self, n_img: int) -> int:
+        """Tokens kept when the sample's ``n_img`` tokens form one square grid (as one LLaVA-1.5 or Gemma 3
+        image); other layouts keep the sum over their grids, which the engine takes from the merge."""
+        side = round(super().count(n_img) ** 0.5)
+        return max(1, min(n_img, side * side))
+
+    def merger(self, model: nn.Module) -> Merger:
+        return _PoolMerger(self, model)
+
+
+class _PoolMerger(Merger):
+    def __init__(self, stage: PoolStage, model: nn.Module):
+        super().__init__()
+        self.stage, self.model = stage, model
+        self.rule = image_grids(model, "average pooling")
+        self.video_ids = [i for i in visual_token_ids(model) if i != model.config.image_token_id]
+        self.ids: torch.Tensor | None = None
+        self.tower: dict = {}
+
+    def hooks(self) -> list:
+        def ids(module, args, kwargs):
+            self.ids = kwargs.get("input_ids")
+
+        def tower(module, args, kwargs):
+            self.tower = kwargs
+
+        out = [inputs_module(self.model).register_forward_pre_hook(ids, with_kwargs=True)] if self.video_ids else []
+        if self.rule.sizes is not None:    # the tower runs once per prefill with images, before the decoder
+            out.append(vision_tower(self.model).register_forward_pre_hook(tower, with_kwargs=True))
+        return out
+
+    def merge(self, inputs: SelectInputs) -> Merged:
+        tower, self.tower = self.tower, {}
+        if self.video_ids and torch.isin(self.ids, torch.tensor(self.video_ids, device=self.ids.device)).any():
+            raise UserError("average pooling pools image grids; video tokens are not supported")
+        n_img = inputs.is_img.sum(1).tolist()
+        grids = self.rule.grids(tower, n_img)
+        votes = torch.zeros(inputs.is_img.shape, device=inputs.hidden.device)
+        hidden, counts = inputs.hidden.clone(), []
+        for b, sample in enumerate(grids):
+            positions, start, kept = inputs.is_img[b].nonzero()[:, 0], 0, 0
+            scale = self.stage.scale(n_img[b]) if sample else 1.0
+            for h, w in sample:
+                grid = positions[start:start + h * w].view(h, w)
+                slots, features = pool_grid(inputs.hidden[b], grid, self.stage.out_grid(h, w, scale))
+                hidden[b, slots], votes[b, slots] = features, 1.0
+                start, kept = start + h * w, kept + len(slots)
+            counts.append(kept)
+        return Merged(votes, hidden, counts)
+
+
+def pool_grid(hidden: torch.Tensor, grid: torch.Tensor, out: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average pooling of the tokens at positions ``grid`` (h, w) of ``hidden`` (M, d) to ``out`` (h', w') with
+    ``adaptive_avg_pool2d``'s windows (rows ``floor(i h / h')`` to ``ceil((i + 1) h / h')``, columns alike):
+    the (h' w',) slots of the windows' top-left tokens and their (h' w', d) features, row-major."""
+    (h, w), (oh, ow) = grid.shape, out
+    x = hidden[grid.flatten()].T.reshape(1, -1, h, w)                              # (1, d, h, w)
+    pooled = F.adaptive_avg_pool2d(x, out).reshape(-1, oh * ow).T                  # (h' w', d)
+    rows = torch.arange(oh, device=grid.device) * h // oh
+    cols = torch.arange(ow, device=grid.device) * w // ow
+    return grid[rows][:, cols].flatten(), pooled.to(hidden.dtype)

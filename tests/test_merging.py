@@ -1,0 +1,229 @@
+"""Stages that replace features (average pooling, VisionZip) against their definitions, recomputed other ways: kept
+slots and features by explicit loops written here, pruned runs == the stock model fed the merged features as
+``inputs_embeds`` with the dropped image tokens masked as keys from layer 0, a ragged batch == each sample alone."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import families
+import himap
+from conftest import budget, masked_reference
+from family_checks import STEPS, generate, kept_lists, visual
+from family_videos import image_and_video
+from himap import policies
+from himap.errors import UserError
+from himap.models import decoder_layers, inputs_module
+from test_methods import assert_batch_equals_alone, layer_inputs
+
+pytestmark = pytest.mark.usefixtures("no_grad")
+
+POOL = policies.AvgPool(r=0.25)
+POOLED = ["llava", "gemma3", "internvl", "mistral3", "qwen2_vl"]
+
+
+def grids_by_hand(family: str, inputs: dict, vis: torch.Tensor) -> list[list[tuple[list[int], int, int]]]:
+    """Per sample, each image's (positions row-major, rows, cols), from each family's layout: LLaVA-1.5 a 6 x 6
+    patch grid per image (24 px / 4 px patches), Gemma 3 4 x 4 soft tokens, InternVL 3 x 3 tokens per tile,
+    Mistral 3 rows of [IMG] ending at [IMG_BREAK], images at [IMG_END], Qwen2-VL image_grid_thw / 2."""
+    ids = inputs["input_ids"]
+    out = []
+    for b in range(ids.shape[0]):
+        pos = vis[b].nonzero()[:, 0].tolist()
+        if family == "mistral3":
+            out.append(_mistral_grids(ids[b].tolist()))
+            continue
+        if family == "qwen2_vl":
+            shapes = [(h // 2, w // 2) for _, h, w in inputs["image_grid_thw"].tolist()]
+            before = int(vis[:b].sum())
+            seen = 0
+            while before:
+                before -= shapes[seen][0] * shapes[seen][1]
+                seen += 1
+            shapes = shapes[seen:]
+        else:
+            side = {"llava": 6, "gemma3": 4, "internvl": 3}[family]
+            shapes = [(side, side)] * (len(pos) // side ** 2)
+        sample, start = [], 0
+        for h, w in shapes:
+            if start == len(pos):
+                break
+            sample.append((pos[start:start + h * w], h, w))
+            start += h * w
+        assert start == len(pos)
+        out.append(sample)
+    return out
+
+
+def _mistral_grids(ids: list[int]) -> list[tuple[list[int], int, int]]:
+    img, brk, end = (families._id(t) for t in ("[IMG]", "[IMG_BREAK]", "[IMG_END]"))
+    grids, rows, row = [], [], []
+    for t, token in enumerate(ids):
+        if token == img:
+            row.append(t)
+        elif token in (brk, end):
+            rows.append(row)
+            row = []
+            if token == end:
+                assert len({len(r) for r in rows}) == 1
+                grids.append(([t for r in rows for t in r], len(rows), len(rows[0])))
+                rows = []
+    return grids
+
+
+def pool_by_hand(hidden: torch.Tensor, grids, r) -> dict[int, torch.Tensor]:
+    """One sample: slot -> pooled feature. Grid sides shrink by sqrt(budget / n_img), rounded (at least 1);
+    window (i, j) spans rows floor(i h / h') .. ceil((i + 1) h / h') - 1 (columns alike); its mean lands on its
+    top-left token."""
+    n_img = sum(h * w for _, h, w in grids)
+    scale = math.sqrt(budget(r, n_img) / n_img)
+    out = {}
+    for positions, h, w in grids:
+        oh, ow = max(1, min(h, round(h * scale))), max(1, min(w, round(w * scale)))
+        for i in range(oh):
+            r0, r1 = i * h // oh, -(-(i + 1) * h // oh)
+            for j in range(ow):
+                c0, c1 = j * w // ow, -(-(j + 1) * w // ow)
+                tokens = [positions[y * w + x] for y in range(r0, r1) for x in range(c0, c1)]
+                out[positions[r0 * w + c0]] = sum(hidden[t] for t in tokens) / len(tokens)
+    return out
+
+
+def layer0_seen(model, inputs: dict, policy) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Under ``policy``: the kept positions per sample, and the hidden states decoder layer 0 runs on."""
+    seen = {}
+    with himap.apply(model, policy) as handle:
+        hook = decoder_layers(model)[0].register_forward_pre_hook(
+            lambda m, args, kwargs: seen.update(h=args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        try:
+            model(**inputs)
+        finally:
+            hook.remove()
+        kept = kept_lists(handle.kept)[0]
+    return kept, seen["h"]
+
+
+@pytest.mark.parametrize("family", POOLED)
+def test_pool_kept_slots_and_features_equal_brute_force(family):
+    model = families.model(family)
+    inputs = families.inputs(family, families.SAMPLES)           # ragged, left-padded, one sample with 2 images
+    vis = visual(family, inputs)
+    stock, _ = layer_inputs(model, inputs, 0)                                  # (B, T, d) entering layer 0
+    kept, hidden = layer0_seen(model, inputs, POOL)
+    real = inputs["attention_mask"].bool()
+    for b, grids in enumerate(grids_by_hand(family, inputs, vis)):
+        expected = pool_by_hand(stock[b], grids, POOL.r)
+        assert kept[b].tolist() == sorted(expected)
+        slots = ~vis[b]                                   # the slots left: every other token, then the kept ones
+        slots[kept[b]] = True
+        ours = hidden[b, hidden.shape[1] - int(slots.sum()):]                  # after any filler slots
+        for row, t in zip(ours, slots.nonzero()[:, 0].tolist()):
+            if real[b, t]:
+                torch.testing.assert_close(row, expected.get(t, stock[b, t]), atol=1e-5, rtol=0)
+
+
+def merged_embeds(model, inputs: dict, features: list[dict[int, torch.Tensor]]) -> dict:
+    """The stock model's inputs as ``inputs_embeds`` (what enters layer 0), the kept slots' features replaced."""
+    embeds, _ = layer_inputs(model, inputs, 0)
+    embeds = embeds.clone()
+    for b, sample in enumerate(features):
+        for t, f in sample.items():
+            embeds[b, t] = f
+    out = {k: v for k, v in inputs.items() if k in ("attention_mask", "token_type_ids")}
+    return {**out, "inputs_embeds": embeds}
+
+
+def extend_embeds(model, family: str, embeds: dict, inputs: dict, tokens: torch.Tensor) -> dict:
+    """``embeds`` with ``tokens`` appended (their stock embeddings), as a recomputation from scratch needs."""
+    ext = families.extend(family, inputs, tokens)
+    new = model.get_input_embeddings()(tokens)
+    out = {k: ext[k] for k in embeds if k != "inputs_embeds"}
+    return {**out, "inputs_embeds": torch.cat([embeds["inputs_embeds"], new], 1)}
+
+
+def assert_equals_fed_reference(family: str, policy, features_of) -> None:
+    """One sample: prefill logits at the kept positions and 3 KV-cached decode steps == the stock model fed
+    the merged features as inputs_embeds, the dropped image tokens masked as keys from layer 0."""
+    model = families.model(family)
+    inputs = families.inputs(family, families.SAMPLES[2])
+    vis = visual(family, inputs)
+    with himap.apply(model, policy) as handle:
+        prefill = model(**inputs).logits[0]
+        tokens, logits = generate(model, inputs)
+        kept = kept_lists(handle.kept)[0]
+    features = features_of(model, inputs, vis)
+    assert kept[0].tolist() == sorted(features[0])
+    dropped = vis.clone()
+    dropped[0, kept[0]] = False
+    fed = merged_embeds(model, inputs, features)
+    ref = masked_reference(model, fed, {0: dropped}).logits[0]
+    torch.testing.assert_close(prefill, ref[~dropped[0]], atol=1e-5, rtol=0)
+    plain = masked_reference(model, merged_embeds(model, inputs, [{}]), {0: dropped}).logits[0]
+    assert not torch.allclose(prefill, plain[~dropped[0]], atol=1e-3), "the merged features changed nothing"
+    for step in range(STEPS):
+        ext = extend_embeds(model, family, fed, inputs, tokens[:, :step])
+        ref = masked_reference(model, ext, {0: dropped}).logits[:, -1]
+        torch.testing.assert_close(logits[step], ref, atol=1e-5, rtol=0, msg=lambda m, s=step: f"step {s}: {m}")
+
+
+def pool_features(family: str):
+    def features(model, inputs, vis):
+        stock, _ = layer_inputs(model, inputs, 0)
+        return [pool_by_hand(stock[b], g, POOL.r) for b, g in enumerate(grids_by_hand(family, inputs, vis))]
+
+    return features
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3", "mistral3", "internvl"])
+def test_pool_equals_stock_fed_pooled_embeds(family):
+    assert_equals_fed_reference(family, POOL, pool_features(family))
+
+
+@pytest.mark.parametrize("family", ["llava", "mistral3", "qwen2_vl"])
+def test_pool_ragged_batch_equals_each_alone(family):
+    assert_batch_equals_alone(family, POOL)
+
+
+def test_pool_counts_and_settings():
+    """LLaVA-1.5's 24 x 24 grid: r = 64 -> 8 x 8, a quarter -> 12 x 12, r = 192 -> 14 x 14 (sqrt(1/3) x 24 =
+    13.9); bad budgets are one line each."""
+    assert [policies.AvgPool(r=r).stages[0].count(576) for r in (64, 0.25, 192, 1.0)] == [64, 144, 196, 576]
+    assert policies.from_params("pool", {}, n_layers=32, n_img=576).stages[0].count(576) == 64
+    params = policies.to_params(POOL)
+    assert policies.from_params(params.pop("name"), params) == POOL
+    for bad in ({"r": 0}, {"r": 1.5}, {"r": "x"}):
+        with pytest.raises(UserError):
+            policies.from_params("pool", bad, n_layers=32)
+    with pytest.raises(UserError, match="exceeds"):
+        policies.from_params("pool", {"r": 600}, n_layers=32, n_img=576)
+
+
+@pytest.mark.parametrize("family,why", [("llava_next", "LLaVA-NeXT"), ("llava_onevision", "LLaVA-OneVision"),
+                                        ("qwen3_vl", "Qwen3-VL")])
+def test_pool_refuses_families_without_an_exact_grid(family, why):
+    model = families.model(family)
+    hooks_before = len(inputs_module(model)._forward_pre_hooks)
+    with pytest.raises(UserError, match=f"not supported on {why}") as err:
+        himap.apply(model, POOL)
+    assert "\n" not in str(err.value)
+    assert len(inputs_module(model)._forward_pre_hooks) == hooks_before and himap.engine.active(model) is None
+
+
+def test_pool_refuses_video_tokens():
+    model = families.model("qwen2_vl")
+    with himap.apply(model, POOL), pytest.raises(UserError, match="video tokens are not supported"):
+        model(**image_and_video("qwen2_vl"))
+
+
+def test_pool_remove_restores_stock():
+    model = families.model("mistral3")
+    inputs = families.inputs("mistral3", families.SAMPLES[:2])
+    stock = model(**inputs).logits
+    hooks_before = len(inputs_module(model)._forward_pre_hooks)
+    with himap.apply(model, POOL):
+        assert model(**inputs).logits.shape[1] < stock.shape[1]
+    assert len(inputs_module(model)._forward_pre_hooks) == hooks_before
+    assert torch.equal(model(**inputs).logits, stock)
