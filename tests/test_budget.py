@@ -43,7 +43,15 @@ def _brute(method: str, n_layers: int, n_img: int) -> list:
         return [POLICIES["pdrop"](layers, c / n_img) for c in range(1, n_img + 1)]
     if method == "divprune":   # DivPrune selects before the decoder
         return [POLICIES["divprune"](r) for r in range(1, n_img + 1)]
+    if method == "pool":       # average pooling before the decoder: round(sqrt(r))**2 tokens of one square grid
+        return [POLICIES["pool"](r) for r in range(1, n_img + 1)]
     return [RandomPrune(2, r) for r in range(1, n_img + 1)]
+
+
+def _within(method: str, n_layers: int) -> float:
+    """How close the solver gets to a reachable token target: one token; for average pooling half of its largest
+    step (its counts are squares m**2, 2m + 1 apart: at most 49 below 576 tokens)."""
+    return 24.5 if method == "pool" else 1.0
 
 
 @pytest.mark.parametrize("n_layers,n_img", SHAPES)
@@ -53,7 +61,7 @@ def test_token_target_is_met_and_no_setting_is_closer(n_layers, n_img):
         target = means[0] + frac * (means[-1] - means[0])          # anywhere in the reachable range
         got = solve(method, n_layers=n_layers, n_img=n_img, tokens=target)
         assert got.avg_tokens == pytest.approx(_segments_mean(got.policy, n_layers, n_img))
-        assert abs(got.avg_tokens - target) <= 1.0, (method, target, got)
+        assert abs(got.avg_tokens - target) <= _within(method, n_layers), (method, target, got)
         assert abs(got.avg_tokens - target) == pytest.approx(min(abs(t - target) for t in means))
 
 
@@ -153,7 +161,7 @@ def test_every_method_meets_the_fields_budgets_and_prices_like_himap_flops(metho
                 solve(method, n_layers=32, n_img=576, tokens=target)
             continue
         got = solve(method, n_layers=32, n_img=576, tokens=target, text_config=text, n_text=35 + 60)
-        assert abs(got.avg_tokens - target) <= 1
+        assert abs(got.avg_tokens - target) <= _within(method, 32)
         assert got.avg_tokens == pytest.approx(_segments_mean(got.policy, 32, 576))
         by_hand = prefill_flops_for(text, n_img=576, n_text=95, policy=got.policy).flops_kept
         assert got.flops_kept == pytest.approx(by_hand)

@@ -17,6 +17,9 @@ per method, the only place a method joins the solver):
   paper's 72 / 288), rounded, at least 1; R1 is solved;
 - ``fastv`` and ``random``: K from :func:`himap.policies.defaults` (FastV's K = 2); R is solved;
 - ``divprune``: no other setting (it selects before the decoder, so ``T = R``); R is solved;
+- ``pool`` (average pooling): no other setting; before the decoder ``T`` is the pooled count, ``round(sqrt(R))**2``
+  for one square image grid (64 = 8 x 8 of 576), so ``T`` moves in steps of ``2 sqrt(T) + 1`` and a reachable
+  target is met within half a step; R is solved;
 - ``pdrop`` (PyramidDrop): its layers from :func:`himap.policies.defaults` (8, 16, 24 on 32 layers); the ratio
   lambda (stage s keeps ``lambda**s`` of the image tokens) is solved.
 
@@ -70,6 +73,7 @@ RULES: dict[str, Rule] = {
     "random": Rule("r", ("k", "seed")),
     "pdrop": Rule("ratio", ("layers",), ratio=True),      # PyramidDrop: its ratio lambda at its layers
     "divprune": Rule("r"),                                # before the decoder: T = r
+    "pool": Rule("r"),                                    # before the decoder: T = the pooled count
 }
 METHODS = tuple(m for m in RULES if m in POLICIES)      # every registered policy that has a rule
 
