@@ -1,6 +1,8 @@
 """FLOPs: the FastV formula against hand-computed values and the paper's numbers, the exact matmul count against
 torch's FlopCounterMode on a tiny LLaVA (with and without pruning), and `himap flops`."""
 
+import argparse
+import dataclasses
 import json
 import re
 
@@ -9,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import himap
 from conftest import make_inputs
-from himap.cli import main
+from himap.cli import build_parser, main
 from himap.configs import PRESETS, preset_config, random_llava, read_model_config, tiny_config
 from himap.flops import (
     image_tokens_per_layer,
@@ -19,6 +21,7 @@ from himap.flops import (
     prefill_flops_for,
     prefill_matmul_flops_for,
 )
+from himap.policies import POLICIES
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 SHIPPED = himap.HiMAP(k1=2, r1=288, k2=8, r2=72)
@@ -151,6 +154,63 @@ def test_cli_table_and_json(tmp_path, capsys):
 
     assert main(["flops", "--model", "llava-1.5-7b", "--policy", "fastv", "--k", "3", "--r", "144", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["policy"] == "FastV(k=3, r=144)"
+    assert _choices(build_parser("flops"), "flops", "policy") == tuple(POLICIES)     # every registered policy
+
+
+def _choices(parser, command: str, dest: str) -> tuple:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return tuple(next(a for a in sub._actions if a.dest == dest).choices)
+
+
+# PyramidDrop, DART and DivPrune on the tiny 8-layer decoder below (144 image tokens), as flags and as fields
+PEERS = {"pdrop": (["--layers", "2", "4", "6", "--ratio", "0.6"], {"layers": (2, 4, 6), "ratio": 0.6}),
+         "dart": (["--k", "3", "--r", "43", "--pivots-image", "2", "--pivots-text", "3"],
+                  {"k": 3, "r": 43, "pivots_image": 2, "pivots_text": 3}),
+         "divprune": (["--r", "30"], {"r": 30})}
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_cli_prices_the_peer_methods_as_they_prune(name, tmp_path, capsys):
+    """``himap flops --policy pdrop / dart / divprune``: the policy the flags name, FLOPs equal to
+    ``prefill_flops_for`` computed directly, image tokens per layer equal to what pruning the tiny model really kept
+    (DART's 2 + 5 * (43 // 5) = 42, not its nominal 43; DivPrune's from layer 0 on); FlopCounterMode's count of
+    the pruned decoder is the exact count of those tokens plus at most the scorer's own work (which FastV's count
+    leaves out), and FastV's pruned / vanilla ratio is close to the exact one."""
+    config = tiny_config(layers=8, hidden=64, heads=4, image_size=168)
+    config.save_pretrained(tmp_path / "tiny")
+    flags, params = PEERS[name]
+    assert main(["flops", "--model", str(tmp_path / "tiny"), "--policy", name, *flags, "--system-tokens", "7",
+                 "--text-tokens", "20", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    policy = himap.policies.from_params(name, params)
+    assert out["params"] == json.loads(json.dumps(himap.policies.to_params(policy)))
+    direct = prefill_flops_for(config.text_config, n_img=144, n_text=27, policy=policy)
+    assert {k: out["rows"][0][k] for k in direct.as_dict()} == direct.as_dict()
+
+    model = random_llava(config, qk_scale=8.0, attn_implementation="eager")
+    inputs = make_inputs(model, sys_len=7, txt_len=20)
+    vanilla = decoder_flops(model, inputs)
+    with himap.apply(model, policy) as pruner:
+        pruned = decoder_flops(model, inputs)
+    per_layer = [144] * 8
+    for stage, kept in zip(policy.stages, pruner.kept):
+        per_layer[stage.layer:] = [kept.shape[1]] * (8 - stage.layer)
+    assert out["image_tokens_per_layer"] == per_layer
+    exact = prefill_matmul_flops_for(config.text_config, n_img=144, n_text=27, policy=policy)
+    assert exact <= pruned <= exact + _scorer_flops(policy, per_layer, n_img=144, n_text=27, d=64, heads=4)
+    assert abs(direct.flops_kept - exact / vanilla) < 0.03 and exact / vanilla < 0.6
+
+
+def _scorer_flops(policy, per_layer: list[int], *, n_img: int, n_text: int, d: int, heads: int) -> int:
+    """At most the matmuls a peer method's own ranking adds inside the decoder layers: PyramidDrop runs each stage
+    layer's attention once more on the unpruned sequence (projections and scores) and reads the last token's row;
+    DART compares its pivots with every image token; DivPrune every image token with every other."""
+    if policy.name == "pdrop":
+        before = [n_text + per_layer[stage.layer - 1] for stage in policy.stages]
+        return sum(layer_matmul_flops(n, hidden=d, ffn=0, heads=heads) + 2 * n * d for n in before)
+    if policy.name == "dart":
+        return 2 * (policy.pivots_image + policy.pivots_text) * n_img * d
+    return 2 * n_img * n_img * d
 
 
 def test_cli_family_presets_report_their_shape_and_image_tokens(capsys):
@@ -179,9 +239,73 @@ def test_cli_errors(tmp_path, capsys):
              (["--model", "llava-1.5-7b", "--r1", "1000"], "r1=1000 exceeds the 576 image tokens"),
              (["--model", "llava-1.5-7b", "--r1", "1.5"], "r1 as a fraction must be in (0, 1]"),
              (["--model", "llava-1.5-7b", "--r1", "100", "--r2", "200"], "r2 must be <= r1"),
-             (["--model", "llava-1.5-7b", "--k", "3"], "--policy himap takes --k1, --r1, --k2, --r2; got --k")]
+             (["--model", "llava-1.5-7b", "--k", "3"], "--policy himap takes --k1, --r1, --k2, --r2; got --k"),
+             (["--model", "llava-1.5-7b", "--policy", "dart", "--layers", "2", "--k1", "1"],
+              "--policy dart takes --k, --r, --pivots-image, --pivots-text; got --k1, --layers"),
+             (["--model", "llava-1.5-7b", "--policy", "pdrop", "--ratio", "half"],
+              "--ratio of policy pdrop must be a number, got 'half'"),
+             (["--model", "llava-1.5-7b", "--policy", "pdrop", "--layers", "8", "x"],
+              "--layers of policy pdrop must be one or more values, each an integer"),
+             (["--model", "llava-1.5-7b", "--policy", "pdrop", "--layers", "16", "8"], "layers must be strictly"),
+             (["--model", "llava-1.5-7b", "--policy", "dart", "--r", "576"], "DART keeps 4 pivots + 8 x 72 tokens"),
+             (["--model", "llava-1.5-7b", "--policy", "divprune", "--r", "577"], "r=577 exceeds the 576")]
     for argv, message in cases:
         assert main(["flops", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (argv, err)
     assert main(["flops", "--model", str(tmp_path / "llama.json"), "--image-tokens", "16", "--k2", "3"]) == 0
+
+
+# -- the policy flags, shared by himap flops and himap eval ------------------------------------------------------
+def _flags(params: dict) -> list[str]:
+    """``--field-name value`` for each field (a tuple: its items as separate values), written out here."""
+    out = []
+    for field, value in params.items():
+        out += ["--" + field.replace("_", "-"), *map(str, value if isinstance(value, tuple) else (value,))]
+    return out
+
+
+def _settings(name: str) -> dict:
+    """Every field of the registered policy ``name``: its scaled defaults for 32 layers, else its class default."""
+    cls = POLICIES[name]
+    return {**{f.name: f.default for f in dataclasses.fields(cls)}, **himap.policies.defaults(name, 32)}
+
+
+@pytest.mark.parametrize("command", ["flops", "eval"])
+def test_every_field_of_every_registered_policy_is_a_flag(command):
+    """Each field of each registered policy, given as its flag, reaches the policy as ``from_params`` of the same
+    dict (typed: a budget as int or float, layers as a tuple); the comma list and the original spellings too."""
+    from himap.cli.policy_flags import policy_params
+
+    parser = build_parser(command)
+    for name in POLICIES:
+        settings = _settings(name)
+        own = {k: v for k, v in settings.items() if not (command == "eval" and k == "seed")}  # eval's own --seed
+        args = parser.parse_args([command, "--policy", name, *_flags(own)])
+        params = policy_params(args, name)
+        assert params == own, name
+        if command == "eval" and "seed" in settings:
+            params["seed"] = args.seed
+        assert himap.policies.from_params(name, params) == himap.policies.from_params(name, settings), name
+    args = parser.parse_args([command, "--policy", "pdrop", "--layers", "2,6,12", "--ratio", "0.7"])
+    assert policy_params(args, "pdrop") == {"layers": (2, 6, 12), "ratio": 0.7}
+    args = parser.parse_args([command, "--policy", "himap", "--hmap-v-attn-txt-layer", "3", "--hmap-v-attn-txt-rank",
+                              "0.5", "--hmap-v-attn-img-layer", "9", "--hmap-v-attn-img-rank", "72"])
+    assert policy_params(args, "himap") == {"k1": 3, "r1": 0.5, "k2": 9, "r2": 72}
+
+
+@pytest.mark.parametrize("command", ["flops", "eval"])
+def test_a_flag_of_another_policy_is_one_line(command, capsys):
+    """For every registered policy and every field it lacks: one line naming the policy's own flags, exit 2
+    (eval refuses before it loads anything)."""
+    for name in POLICIES:
+        mine = {f.name for f in dataclasses.fields(POLICIES[name])}
+        stray = {f.name for other in POLICIES.values() for f in dataclasses.fields(other)} - mine - {"seed"}
+        for field in sorted(stray):
+            flag = "--" + field.replace("_", "-")
+            assert main([command, "--policy", name, flag, "1"]) == 2, (name, field)
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"error: --policy {name} takes " in err and err.endswith(
+                f"; got {flag}\n"), err
+    assert main([command, "--policy", "fastv", "--k1", "2", "--pivots-text", "3"]) == 2
+    assert capsys.readouterr().err.endswith("error: --policy fastv takes --k, --r; got --k1, --pivots-text\n")

@@ -206,6 +206,37 @@ def test_cli_eval_defaults_to_the_demo_and_prints_a_table(demo, tmp_path, monkey
     assert main(["table", str(tmp_path / "cli")]) == 0 and str(tmp_path / "cli") in capsys.readouterr().out
 
 
+# each method at a setting other than its defaults on the demo (8 layers, 144 image tokens): its flags, its fields
+# and the image tokens each stage keeps, counted by hand from the methods' rules
+POLICY_FLAGS = {
+    "himap": (["--k1", "3", "--r1", "0.4", "--k2", "5", "--r2", "20"], {"k1": 3, "r1": 0.4, "k2": 5, "r2": 20},
+              [58, 20]),                                             # round(0.4 * 144)
+    "fastv": (["--k", "3", "--r", "50"], {"k": 3, "r": 50}, [50]),
+    "random": (["--k", "1", "--r", "0.3", "--seed", "5"], {"k": 1, "r": 0.3, "seed": 5}, [43]),
+    "pdrop": (["--layers", "2,4", "6", "--ratio", "0.6"], {"layers": (2, 4, 6), "ratio": 0.6},
+              [86, 51, 31]),                                         # int(0.6**s * 144)
+    "dart": (["--k", "3", "--r", "43", "--pivots-image", "2", "--pivots-text", "3"],
+             {"k": 3, "r": 43, "pivots_image": 2, "pivots_text": 3}, [42]),     # 2 + 5 * (43 // 5)
+    "divprune": (["--r", "30"], {"r": 30}, [30]),
+}
+
+
+@pytest.mark.parametrize("name", POLICY_FLAGS)
+def test_cli_eval_takes_every_field_of_the_method(name, demo, tmp_path):
+    """``himap eval --policy NAME`` with each field of the method as a flag runs the method with exactly those
+    fields (the run's recorded policy is ``from_params`` of the same dict) and keeps the counts its rule gives."""
+    from himap.cli import main
+    from himap.policies import from_params, to_params
+
+    flags, params, kept = POLICY_FLAGS[name]
+    assert main(["eval", "--model-path", str(demo.model_dir), "--question-file", str(demo.question_file),
+                 "--image-folder", str(demo.image_folder), "--output-dir", str(tmp_path / name), "--limit", "1",
+                 "--max-new-tokens", "1", "--no-progress", "--policy", name, *flags]) == 0
+    summary = json.loads((tmp_path / name / "summary.json").read_text())
+    assert summary["config"]["policy"] == json.loads(json.dumps(to_params(from_params(name, params))))
+    assert read_jsonl(tmp_path / name / "predictions.jsonl")[0]["kept"] == kept
+
+
 @pytest.mark.parametrize("content", ["{not json", '{"id": 1}', "[1, 2"])
 def test_cli_malformed_question_file_is_one_clear_line(demo, tmp_path, capsys, content):
     from himap.cli import main

@@ -76,8 +76,8 @@ def test_in_memory_model_of_another_family(name, tmp_path):
     model, processor = fam.model(name), fam.processor(name)
     qfile, images, questions = question_file(tmp_path, name)
     cfg = EvalConfig(model_path=name, question_file=str(qfile), image_folder=str(images),
-                     conv_mode="chat_template", max_new_tokens=TOKENS, progress=False, policy="fastv", r=0.5,
-                     output_dir=str(tmp_path / "run"))
+                     conv_mode="chat_template", max_new_tokens=TOKENS, progress=False, policy="fastv",
+                     policy_params={"r": 0.5}, output_dir=str(tmp_path / "run"))
     summary = evaluate(cfg, model, processor)
     records = read_jsonl(tmp_path / "run/predictions.jsonl")
     assert summary["n_errors"] == 0 and len(records) == 3

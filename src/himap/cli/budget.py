@@ -53,11 +53,12 @@ def _value(v) -> str:
 
 
 def eval_flags(policy) -> list[str]:
-    """``--policy NAME --field value ...`` for ``himap eval``."""
+    """``--policy NAME --field-name value ...`` for ``himap eval`` (and ``himap flops``)."""
     from ..policies import to_params
+    from .policy_flags import flag
 
     params = to_params(policy)
-    return ["--policy", params.pop("name"), *[x for k, v in params.items() for x in (f"--{k}", _value(v))]]
+    return ["--policy", params.pop("name"), *[x for k, v in params.items() for x in (flag(k), _value(v))]]
 
 
 def model_args(policy) -> str:
@@ -97,10 +98,12 @@ def run(args: argparse.Namespace) -> int:
     goal = (f"FLOPs ratio {args.flops:g}" if args.flops is not None else
             f"{target['tokens']:.2f} image tokens per layer on average")
     print(f"{n_layers} decoder layers, {n_img} image tokens, {args.text_tokens} non-image tokens; target: {goal}")
-    print(f"{'method':<8} {'settings':<40} {'avg tokens/layer':>16} {'of image':>9} {'FLOPs kept':>10}")
+    settings = {name: " ".join(eval_flags(m.policy)[2:]) for name, m in solved.items()}
+    wide = max(40, *map(len, settings.values()))
+    print(f"{'method':<8} {'settings':<{wide}} {'avg tokens/layer':>16} {'of image':>9} {'FLOPs kept':>10}")
     for name, m in solved.items():
-        print(f"{name:<8} {' '.join(eval_flags(m.policy)[2:]):<40} {m.avg_tokens:>16.2f} "
-              f"{m.avg_tokens / n_img:>9.1%} {m.flops_kept:>10.1%}")
+        print(f"{name:<8} {settings[name]:<{wide}} {m.avg_tokens:>16.2f} {m.avg_tokens / n_img:>9.1%} "
+              f"{m.flops_kept:>10.1%}")
     for line in unreachable:
         print(f"not solved: {line}")
     return 0

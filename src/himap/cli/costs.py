@@ -6,10 +6,12 @@ import argparse
 import json
 
 from ..configs import VICUNA_V1_SYSTEM_TOKENS  # a default for the table only: --system-tokens for other prompts
+from .policy_flags import add_policy_args, policy_params
 
 
 def register(subparsers) -> None:
     from ..configs import PRESETS
+    from ..policies import POLICIES
 
     p = subparsers.add_parser("flops", help="prefill FLOPs, vanilla vs a pruning policy",
                               description="Decoder prefill FLOPs with FastV's per-layer count 4nd^2 + 2n^2d + 2ndm, "
@@ -17,14 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", default="llava-1.5-13b",
                    help=f"preset ({', '.join(PRESETS)}), a config.json or a checkpoint folder; default "
                         "llava-1.5-13b, the HiMAP paper's model")
-    p.add_argument("--policy", default="himap", choices=("himap", "fastv", "random"))
-    what = "a count, or a fraction of the image tokens such as 0.5"
-    p.add_argument("--k1", type=int, help="HiMAP K1 (default 2)")
-    p.add_argument("--r1", type=budget, help=f"HiMAP R1: {what} (default 0.5: 288 of 576)")
-    p.add_argument("--k2", type=int, help="HiMAP K2 (default: a quarter of the layers, within [3, 8])")
-    p.add_argument("--r2", type=budget, help=f"HiMAP R2: {what} (default 0.125: 72 of 576)")
-    p.add_argument("--k", type=int, help="FastV / random: prune before this layer (default 2)")
-    p.add_argument("--r", type=budget, help=f"FastV / random: image tokens kept, {what} (default 0.5)")
+    p.add_argument("--policy", default="himap", choices=tuple(POLICIES), help="a registered pruning policy")
     p.add_argument("--image-tokens", type=int,
                    help="image tokens per sample (default: the preset's typical count, or what the config fixes)")
     p.add_argument("--system-tokens", type=int, default=VICUNA_V1_SYSTEM_TOKENS,
@@ -32,13 +27,8 @@ def register(subparsers) -> None:
     p.add_argument("--text-tokens", type=int, nargs="+", default=[30, 60, 100],
                    help="tokens after the image (question + answer prompt), one table row each (default 30 60 100)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    add_policy_args(p)
     p.set_defaults(run=run)
-
-
-def budget(text: str):
-    from ..policies import parse_budget  # imported on use: the CLI starts without torch
-
-    return parse_budget(text)
 
 
 def _si(x: float) -> str:
@@ -52,8 +42,9 @@ def _inputs(args: argparse.Namespace):
     """(shape, image tokens, the policy): the policy checked as ``himap eval`` checks it."""
     from ..configs import read_model_config
     from ..errors import UserError
-    from ..policies import fields, from_params
+    from ..policies import from_params
 
+    params = policy_params(args, args.policy)
     shape = read_model_config(args.model)
     n_img = args.image_tokens if args.image_tokens is not None else shape.image_tokens
     if n_img is None:
@@ -61,11 +52,6 @@ def _inputs(args: argparse.Namespace):
                         "pass --image-tokens")
     if n_img < 1 or min(args.system_tokens, *args.text_tokens) < 0:
         raise UserError("--image-tokens must be >= 1 and --system-tokens / --text-tokens >= 0")
-    params = {name: getattr(args, name) for name in fields(args.policy) if hasattr(args, name)}
-    given = {k for k in ("k1", "r1", "k2", "r2", "k", "r") if getattr(args, k) is not None} - set(params)
-    if given:
-        raise UserError(f"--policy {args.policy} takes {', '.join('--' + f for f in params)}; got "
-                        f"{', '.join('--' + g for g in sorted(given))}")
     policy = from_params(args.policy, params, n_layers=shape.text_config.num_hidden_layers, n_img=n_img)
     return shape, n_img, policy
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .common import add_config_args, config_from_args, report_errors
+from .policy_flags import add_policy_args, policy_params
 
 
 def register(sub) -> None:
@@ -21,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--use-hmap-v", action="store_true", help="the original's flag: prune with HiMAP "
                                                              "(same as --policy himap)")
     add_config_args(p, EvalConfig)
+    add_policy_args(p, skip=("seed",))      # --seed is the run's own (sampling, and the random policy's draw)
     p.set_defaults(run=run_eval)
 
     m = sub.add_parser("merge", help="combine the chunk runs of one evaluation into one result",
@@ -48,7 +50,8 @@ def run_eval(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="himap eval: %(message)s")
     if args.use_hmap_v and args.policy not in ("none", "himap"):
         raise UserError(f"--use-hmap-v contradicts --policy {args.policy}")
-    cfg = config_from_args(EvalConfig, args, policy="himap" if args.use_hmap_v else args.policy)
+    policy = "himap" if args.use_hmap_v else args.policy
+    cfg = config_from_args(EvalConfig, args, policy=policy, policy_params=policy_params(args, policy))
     summary = evaluate(cfg)
     if int(os.environ.get("RANK", "0")) != 0:   # under accelerate launch, only the merging process reports
         return 0

@@ -28,24 +28,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EvalConfig(Source):
-    """One evaluation run. ``model_path=None`` evaluates the demo checkpoint on its own questions. Unset policy
-    parameters take :func:`himap.policies.defaults` for the model; budgets are counts or fractions."""
+    """One evaluation run. ``model_path=None`` evaluates the demo checkpoint on its own questions. ``policy_params``
+    sets fields of ``policy`` (``{"layers": (2, 6, 12)}``; ``himap eval`` has a flag for every field of every
+    registered policy); unset ones take :func:`himap.policies.defaults` for the model."""
 
     output_dir: str | None = option(None, "run folder (default: runs/<model>/<policy>)")
     answers_file: str | None = option(None, "write predictions here (config and summary beside it) instead of "
                                             "into --output-dir")
     policy: str = option("none", "pruning policy; --use-hmap-v is --policy himap", choices=policies.NAMES)
-    k1: int | None = option(None, "HiMAP K1: prune before this layer (default 2)", "--hmap-v-attn-txt-layer",
-                            "--k1", type=int)
-    r1: int | float | None = option(None, "HiMAP R1: image tokens kept, a count or a fraction (default 0.5)",
-                                    "--hmap-v-attn-txt-rank", "--r1", type=policies.parse_budget)
-    k2: int | None = option(None, "HiMAP K2 (default: a quarter of the layers, 3 to 8)", "--hmap-v-attn-img-layer",
-                            "--k2", type=int)
-    r2: int | float | None = option(None, "HiMAP R2: image tokens kept, a count or a fraction (default 0.125)",
-                                    "--hmap-v-attn-img-rank", "--r2", type=policies.parse_budget)
-    k: int | None = option(None, "FastV / random: prune before this layer (default 2)", type=int)
-    r: int | float | None = option(None, "FastV / random: image tokens kept, a count or a fraction (default 0.5)",
-                                   type=policies.parse_budget)
+    policy_params: dict = dataclasses.field(default_factory=dict)
     seed: int = option(0, "random policy's draw and sampling seed")
     batch_size: int = option(1, "questions per generate call (left-padded)")
     max_new_tokens: int = option(16, "answer length limit (the original uses 1024; a letter needs 1-2)")
@@ -69,9 +60,9 @@ class EvalConfig(Source):
 
     def resolve_policy(self, n_layers: int, n_img: int | None):
         """The policy object for a decoder of ``n_layers`` (``n_img`` image tokens, if fixed), checked."""
-        params = {k: getattr(self, k) for k in ("k1", "r1", "k2", "r2", "k", "r") if getattr(self, k) is not None}
-        if self.policy == "random":
-            params["seed"] = self.seed
+        params = dict(self.policy_params)
+        if "seed" in policies.fields(self.policy):     # one seed: the policy's draw and the sampling's
+            params.setdefault("seed", self.seed)
         return policies.from_params(self.policy, params, n_layers=n_layers, n_img=n_img)
 
     def files(self, run_dir: Path) -> tuple[Path, Path, Path]:
