@@ -177,7 +177,7 @@ def pool_features(family: str):
     return features
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3", "mistral3", "internvl"])
+@pytest.mark.parametrize("family", ["llava", "gemma3", "mistral3"])
 def test_pool_equals_stock_fed_pooled_embeds(family):
     assert_equals_fed_reference(family, POOL, pool_features(family))
 
@@ -226,4 +226,102 @@ def test_pool_remove_restores_stock():
     with himap.apply(model, POOL):
         assert model(**inputs).logits.shape[1] < stock.shape[1]
     assert len(inputs_module(model)._forward_pre_hooks) == hooks_before
+    assert torch.equal(model(**inputs).logits, stock)
+
+
+ZIP = policies.VisionZip(dominant=6, contextual=3)
+
+
+def zip_by_hand(model, inputs: dict, vis: torch.Tensor, dominant: int, contextual: int) -> list[dict]:
+    """VisionZip by the paper's description, per image: the tower's own eager attention maps and hidden states
+    (``output_attentions``) at the layer whose output LLaVA projects (vision_feature_layer -2 of 2 layers: layer 0);
+    dominant = the patches with the highest [CLS] attention summed over heads; of the rest (in order) every
+    (len // contextual)-th is a target; each other patch joins the target of highest key cosine similarity (keys
+    of that layer, head mean); target feature = its own + the mean of its joiners, then the projector. Per
+    sample: slot -> feature, dominant slots with the stock embedding."""
+    eager = families.model("llava", "eager")
+    tower = eager.model.vision_tower
+    out = tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
+    layer = tower.encoder.layers[0]
+    heads = layer.self_attn.num_heads
+    x = layer.layer_norm1(out.hidden_states[0])                                   # the layer's attention input
+    keys = layer.self_attn.k_proj(x).view(*x.shape[:2], heads, -1).mean(2)        # (I, N, D) head mean
+    feats = out.hidden_states[1][:, 1:]                                           # (I, P, d_v) projected later
+    cls = out.attentions[0][:, :, 0, 1:].sum(1)                                   # (I, P)
+    stock, _ = layer_inputs(model, inputs, 0)
+    result, image = [], 0
+    for b in range(vis.shape[0]):
+        positions = vis[b].nonzero()[:, 0].tolist()
+        sample = {}
+        for start in range(0, len(positions), 36):
+            slots = positions[start:start + 36]
+            order = sorted(range(36), key=lambda p, i=image: -float(cls[i, p]))
+            gap = float(cls[image, order[dominant - 1]] - cls[image, order[dominant]])
+            assert gap > 1e-6, "tie at the dominant cut"
+            for p in order[:dominant]:
+                sample[slots[p]] = stock[b, slots[p]]
+            rest = sorted(order[dominant:])
+            step = max(1, len(rest) // contextual)
+            targets = [rest[i] for i in range(0, len(rest), step)][:contextual]
+            joined = {t: [] for t in targets}
+            for p in rest:
+                if p not in targets:
+                    sims = {t: float(torch.nn.functional.cosine_similarity(keys[image, 1 + p], keys[image, 1 + t],
+                                                                         dim=0)) for t in targets}
+                    joined[max(sims, key=sims.get)].append(p)
+            for t in targets:
+                extra = sum(feats[image, p] for p in joined[t]) / len(joined[t]) if joined[t] else 0
+                sample[slots[t]] = eager.model.multi_modal_projector(feats[image, t] + extra)
+            image += 1
+        result.append(sample)
+    return result
+
+
+def test_visionzip_kept_slots_and_features_equal_brute_force():
+    model = families.model("llava")
+    inputs = families.inputs("llava", families.SAMPLES)
+    vis = visual("llava", inputs)
+    kept, hidden = layer0_seen(model, inputs, ZIP)
+    expected = zip_by_hand(model, inputs, vis, ZIP.dominant, ZIP.contextual)
+    for b, sample in enumerate(expected):
+        assert kept[b].tolist() == sorted(sample)
+        slots = ~vis[b]
+        slots[kept[b]] = True
+        ours = hidden[b, hidden.shape[1] - int(slots.sum()):]
+        rows = dict(zip(slots.nonzero()[:, 0].tolist(), ours))
+        for t, feature in sample.items():
+            torch.testing.assert_close(rows[t], feature, atol=1e-5, rtol=0)
+
+
+def test_visionzip_equals_stock_fed_merged_embeds():
+    assert_equals_fed_reference("llava", ZIP, lambda model, inputs, vis: zip_by_hand(model, inputs, vis, 6, 3))
+
+
+def test_visionzip_ragged_batch_equals_each_alone():
+    assert_batch_equals_alone("llava", ZIP)
+
+
+def test_visionzip_settings_and_refusals():
+    assert policies.defaults("visionzip", 32) == {"dominant": 54, "contextual": 10}
+    assert policies.from_params("visionzip", {}, n_layers=32, n_img=576).stages[0].count(576) == 64
+    assert policies.VisionZip(dominant=30, contextual=10).stages[0].count(36) == 36    # all 36, dominant first
+    for bad in ({"dominant": 0}, {"contextual": -1}, {"dominant": 2.5}):
+        with pytest.raises(UserError):
+            policies.from_params("visionzip", bad, n_layers=32)
+    for family in ("gemma3", "qwen2_vl", "llava_next"):
+        with pytest.raises(UserError, match="VisionZip needs a \\[CLS\\] token") as err:
+            himap.apply(families.model(family), ZIP)
+        assert "\n" not in str(err.value) and himap.engine.active(families.model(family)) is None
+
+
+def test_visionzip_remove_restores_stock():
+    model = families.model("llava")
+    inputs = families.inputs("llava", families.SAMPLES[:2])
+    stock = model(**inputs).logits
+    tower_layer = model.model.vision_tower.encoder.layers[0]
+    before = len(tower_layer._forward_hooks)
+    with himap.apply(model, ZIP):
+        assert len(tower_layer._forward_hooks) == before + 1
+        assert model(**inputs).logits.shape[1] < stock.shape[1]
+    assert len(tower_layer._forward_hooks) == before
     assert torch.equal(model(**inputs).logits, stock)

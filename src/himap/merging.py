@@ -220,3 +220,105 @@ def pool_grid(hidden: torch.Tensor, grid: torch.Tensor, out: tuple[int, int]) ->
     rows = torch.arange(oh, device=grid.device) * h // oh
     cols = torch.arange(ow, device=grid.device) * w // ow
     return grid[rows][:, cols].flatten(), pooled.to(hidden.dtype)
+
+
+# -- VisionZip -----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VisionZipStage(MergeStage):
+    """VisionZip's dominant and contextual tokens (see :class:`himap.policies.VisionZip`)."""
+
+    dominant: int = 54
+    contextual: int = 10
+
+    def split(self, n_patches: int) -> tuple[int, int]:
+        """(dominant, contextual) tokens kept of an image of ``n_patches``: at most all of them, dominant first."""
+        dominant = min(self.dominant, n_patches)
+        return dominant, min(self.contextual, n_patches - dominant)
+
+    def count(self, n_img: int) -> int:
+        """Tokens kept of one image of ``n_img`` patches; a sample keeps this per image (from the merge)."""
+        return sum(self.split(n_img))
+
+    def merger(self, model: nn.Module) -> Merger:
+        return _ZipMerger(self, model)
+
+
+class _ZipMerger(Merger):
+    """Reads the CLIP tower's layer whose output LLaVA projects: its input (for the [CLS] attention and the keys)
+    and its output (the features), on every prefill with images."""
+
+    def __init__(self, stage: VisionZipStage, model: nn.Module):
+        super().__init__()
+        config, family = model.config, family_of(model).name
+        vision, strategy = config.vision_config, getattr(config, "vision_feature_select_strategy", None)
+        tower = getattr(vision, "model_type", None)
+        if family != "LLaVA-1.5" or tower != "clip_vision_model" or strategy != "default":
+            raise UserError(f"VisionZip needs a [CLS] token and image tokens that are the tower's patches, one each "
+                            f"(LLaVA-1.5 with a CLIP tower); not supported on {family} ({tower}, {strategy!r})")
+        selected = config.vision_feature_layer
+        n_layers = vision.num_hidden_layers
+        index = selected + n_layers + 1 if isinstance(selected, int) and selected < 0 else selected
+        if not isinstance(index, int) or not 1 <= index <= n_layers:
+            raise UserError(f"VisionZip reads the attention of the layer whose output is projected; "
+                            f"vision_feature_layer={selected!r} is not one encoder layer's output")
+        self.stage, self.n_patches = stage, (vision.image_size // vision.patch_size) ** 2
+        self.layer = getattr(vision_tower(model), "vision_model", vision_tower(model)).encoder.layers[index - 1]
+        self.projector = inputs_module(model).multi_modal_projector
+        self.seen: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def hooks(self) -> list:
+        def grab(module, args, kwargs, output):
+            output = output[0] if isinstance(output, tuple) else output
+            self.seen = (args[0] if args else kwargs["hidden_states"], output)      # (I, 1 + P, d_v) each
+
+        return [self.layer.register_forward_hook(grab, with_kwargs=True)]
+
+    def merge(self, inputs: SelectInputs) -> Merged:
+        (x, out), self.seen = self.seen, None
+        cls_attention, keys = self._cls_attention_and_keys(x)                      # (I, P), (I, P, D)
+        votes = torch.zeros(inputs.is_img.shape, device=inputs.hidden.device)
+        hidden, counts, image = inputs.hidden.clone(), [], 0
+        for b in range(hidden.shape[0]):
+            positions = inputs.is_img[b].nonzero()[:, 0]
+            if len(positions) % self.n_patches:
+                raise UserError(f"sample {b} has {len(positions)} image tokens, not whole images of "
+                                f"{self.n_patches} patches")
+            for slots in positions.view(-1, self.n_patches):
+                dominant, targets, merged = self.zip_one(cls_attention[image], keys[image], out[image, 1:])
+                hidden[b, slots[targets]] = self.projector(merged).to(hidden.dtype)
+                votes[b, slots[torch.cat([dominant, targets])]] = 1.0
+                image += 1
+            counts.append(len(positions) // self.n_patches * self.stage.count(self.n_patches))
+        return Merged(votes, hidden, counts)
+
+    def _cls_attention_and_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The [CLS] query's attention over the patches, summed over heads, and the keys averaged over heads."""
+        attn = self.layer.self_attn
+        normed = self.layer.layer_norm1(x)                                          # (I, N, d_v)
+        shape = (x.shape[0], x.shape[1], attn.num_heads, attn.head_dim)
+        keys = attn.k_proj(normed).view(shape).transpose(1, 2)                      # (I, H, N, D)
+        query = attn.q_proj(normed[:, :1]).view(x.shape[0], 1, *shape[2:]).transpose(1, 2)   # (I, H, 1, D)
+        probs = (query @ keys.transpose(-1, -2) * attn.scale).softmax(-1)          # (I, H, 1, N)
+        return probs[:, :, 0, 1:].sum(1), keys.mean(1)[:, 1:]
+
+    def zip_one(self, cls_attention: torch.Tensor, keys: torch.Tensor, features: torch.Tensor):
+        """One image of P patches: the dominant patches, the contextual targets (patch indices) and the targets'
+        merged features (C, d_v): each target's own plus the mean of the other patches whose keys are most
+        cosine-similar to its keys (plus nothing if none)."""
+        n_dom, n_ctx = self.stage.split(len(cls_attention))
+        dominant = cls_attention.topk(n_dom).indices
+        rest = torch.ones_like(cls_attention, dtype=torch.bool)
+        rest[dominant] = False
+        rest = rest.nonzero()[:, 0]                                                 # ascending patch indices
+        if n_ctx == 0:
+            return dominant, rest[:0], features[:0]
+        step = max(1, len(rest) // n_ctx)
+        is_target = torch.zeros(len(rest), dtype=torch.bool, device=rest.device)
+        is_target[torch.arange(0, len(rest), step, device=rest.device)[:n_ctx]] = True
+        unit = F.normalize(keys[rest], dim=-1)                                      # (R, D)
+        nearest = (unit[~is_target] @ unit[is_target].T).argmax(1)                  # (R - C,) target of each other
+        assign = F.one_hot(nearest, n_ctx).to(features.dtype).T                     # (C, R - C)
+        sums = assign @ features[rest[~is_target]]                                   # (C, d_v)
+        merged = features[rest[is_target]] + sums / assign.sum(1, keepdim=True).clamp(min=1)
+        return dominant, rest[is_target], merged

@@ -295,7 +295,46 @@ class AvgPool:
         return (PoolStage(0, self.r),)
 
 
-Policy = HiMAP | FastV | RandomPrune | PyramidDrop | DART | DivPrune | AvgPool
+@register
+@dataclass(frozen=True)
+class VisionZip:
+    """VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models",
+    CVPR 2025; original code: the VisionZip repository's ``visionzip/clip_encoder.py``, ``CLIPVisionTower_VisionZip``,
+    with ``utils.py`` for the keys). Per image, in the CLIP tower's layer whose output LLaVA projects (the
+    second-to-last, ``vision_feature_layer=-2``): the ``dominant`` patches the [CLS] query attends to most (its
+    softmax row, summed over heads) stay as they are; of the other patches, in order, every
+    ``len(rest) // contextual``-th one (the first ``contextual``) is a target, and each remaining patch joins the
+    target whose key (k_proj, averaged over heads) is most cosine-similar to its own; a target's feature becomes its
+    own plus the mean of the patches that joined it (as the original code adds them), projected by LLaVA's
+    projector and written into the target's slot. The published LLaVA-1.5 setting is 54 + 10 = 64 tokens per image
+    (108 + 20 = 128, 162 + 30 = 192); ``himap budget`` keeps that 54 : 10 split. LLaVA-1.5 with a CLIP tower only
+    (a [CLS] token and one image token per patch through a per-token projector); other families are refused.
+
+    Deviations: the original keeps the [CLS] token itself as one of its ``dominant`` tokens (53 patches + [CLS] for
+    54); llava-hf's LLaVA-1.5 has no image slot for [CLS], so here all ``dominant`` tokens are patches. Kept tokens
+    keep their original positions (dominant ones their patch's, contextual ones their target's; the original puts
+    the dominant tokens, then the contextual ones, in a new contiguous block). An image with fewer patches than
+    ``dominant + contextual`` keeps them all (dominant first); the original fails there."""
+
+    name: ClassVar[str] = "visionzip"
+    dominant: int = 54
+    contextual: int = 10
+
+    def __post_init__(self):
+        for name, low in (("dominant", 1), ("contextual", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UserError(f"{name} must be an integer >= {low} (tokens per image), got {value!r}")
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        from .merging import VisionZipStage  # torch: imported when a model is pruned, not at CLI start-up
+
+        return (VisionZipStage(0, self.dominant + self.contextual, name="dominant", budget="dominant",
+                               dominant=self.dominant, contextual=self.contextual),)
+
+
+Policy = HiMAP | FastV | RandomPrune | PyramidDrop | DART | DivPrune | AvgPool | VisionZip
 NAMES = ("none", *POLICIES)
 
 
@@ -330,7 +369,8 @@ def defaults(name: str, n_layers: int, seed: int = 0) -> dict:
     HiMAP k1=2, r1=1/2, k2=n_layers/4 clamped to [3, 8] (8 for LLaVA-1.5's 32 and 40 layers), r2=1/8;
     FastV and random keep 1/2 before layer 2 (FastV's K=2, R=50%); DART k=2, r=128/576 with 4 + 4 pivots;
     PyramidDrop keeps ratio 1/2 at layers n_layers/4, n_layers/2, 3 n_layers/4 (8, 16, 24 for LLaVA-1.5's 32);
-    DivPrune keeps 1/10 before the decoder; average pooling 64/576 (LLaVA-1.5's 24 x 24 grid to 8 x 8)."""
+    DivPrune keeps 1/10 before the decoder; average pooling 64/576 (LLaVA-1.5's 24 x 24 grid to 8 x 8);
+    VisionZip 54 + 10 tokens per image (its published 64)."""
     if name == "himap":
         return {"k1": 2, "r1": 0.5, "k2": min(8, max(3, n_layers // 4)), "r2": 0.125}
     if name == "fastv":
@@ -343,6 +383,8 @@ def defaults(name: str, n_layers: int, seed: int = 0) -> dict:
         return {"r": 0.1}
     if name == "pool":
         return {"r": 64 / 576}
+    if name == "visionzip":
+        return {"dominant": 54, "contextual": 10}
     if name == "pdrop":
         return {"layers": tuple(sorted({max(1, n_layers * q // 4) for q in (1, 2, 3)})), "ratio": 0.5}
     _class(name)
