@@ -1,7 +1,6 @@
 """The budget solver: targets met within a token, the same answer as brute force over every setting, and the
 FLOPs ratio of ``himap flops`` (FastV's count, recomputed here from its formula)."""
 
-import argparse
 import itertools
 import json
 
@@ -43,15 +42,20 @@ def _brute(method: str, n_layers: int, n_img: int) -> list:
         return [POLICIES["pdrop"](layers, c / n_img) for c in range(1, n_img + 1)]
     if method == "divprune":   # DivPrune selects before the decoder
         return [POLICIES["divprune"](r) for r in range(1, n_img + 1)]
+    if method == "dart":       # DART keeps 4 image pivots + 8 pivots x (r // 8) tokens, at most n_img
+        return [POLICIES["dart"](2, r, 4, 4) for r in range(1, n_img + 1) if 4 + 8 * (r // 8) <= n_img]
     if method == "pool":       # average pooling before the decoder: round(sqrt(r))**2 tokens of one square grid
         return [POLICIES["pool"](r) for r in range(1, n_img + 1)]
     return [RandomPrune(2, r) for r in range(1, n_img + 1)]
 
 
 def _within(method: str, n_layers: int) -> float:
-    """How close the solver gets to a reachable token target: one token; for average pooling half of its largest
-    step (its counts are squares m**2, 2m + 1 apart: at most 49 below 576 tokens)."""
-    return 24.5 if method == "pool" else 1.0
+    """How close the solver gets to a reachable token target: one token, or for DART half of its step in T (its
+    kept count moves by 8 pivots at a time from layer 2 on): 8 (L - 2) / L / 2, at most 4 tokens; for average
+    pooling half of its largest step (its counts are squares m**2, 2m + 1 apart: at most 49 below 576 tokens)."""
+    if method == "pool":
+        return 24.5
+    return 4 * (n_layers - 2) / n_layers if method == "dart" else 1.0
 
 
 @pytest.mark.parametrize("n_layers,n_img", SHAPES)
@@ -86,23 +90,20 @@ def test_flops_target_agrees_with_himap_flops_and_brute_force(preset, capsys):
         ratios = [sum(_fastv_flops(n_sys + n_txt + t, d, m) for t in _per_layer(p, n_layers, n_img)) / vanilla
                   for p in _brute(method, n_layers, n_img)]
         assert abs(got.flops_kept - 0.4) == pytest.approx(min(abs(r - 0.4) for r in ratios))
-        if method in _flops_command_policies():
-            assert _himap_flops(preset, got.policy, n_txt, capsys) == pytest.approx(got.flops_kept)
-
-
-def _flops_command_policies() -> tuple[str, ...]:
-    """The policies ``himap flops --policy`` offers."""
-    parser = next(a for a in build_parser("flops")._actions if isinstance(a, argparse._SubParsersAction))
-    return next(a for a in parser.choices["flops"]._actions if a.dest == "policy").choices
+        assert _himap_flops(preset, got.policy, n_txt, capsys) == pytest.approx(got.flops_kept)
 
 
 def _himap_flops(preset: str, policy, n_txt: int, capsys) -> float:
-    """The whole-sequence FLOPs ratio ``himap flops --json`` prints for ``policy`` (its seed aside: a random draw
-    is priced by its count)."""
-    params = {k: v for k, v in to_params(policy).items() if k not in ("name", "seed")}
+    """The whole-sequence FLOPs ratio ``himap flops --json`` prints for ``policy``, given as flags written out here
+    (``--field-name``, a tuple of layers as separate values)."""
+    params = {k: v for k, v in to_params(policy).items() if k != "name"}
+    flags = [x for k, v in params.items()
+             for x in ("--" + k.replace("_", "-"), *map(str, v if isinstance(v, tuple) else (v,)))]
     assert main(["flops", "--model", preset, "--policy", policy.name, "--text-tokens", str(n_txt), "--json",
-                 *[x for k, v in params.items() for x in (f"--{k}", str(v))]]) == 0
-    return json.loads(capsys.readouterr().out)["rows"][0]["flops_kept"]
+                 *flags]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["params"] == json.loads(json.dumps(to_params(policy)))
+    return out["rows"][0]["flops_kept"]
 
 
 def _per_layer(policy, n_layers: int, n_img: int) -> list[int]:
@@ -150,9 +151,9 @@ def test_budget_command_prints_eval_flags_and_defaults_to_the_paper_setting(caps
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_meets_the_fields_budgets_and_prices_like_himap_flops(method, capsys):
-    """LLaVA-1.5-7B at the field's 64 / 128 / 192 tokens: within one token where the method's structure reaches
-    it (else one error naming its range, e.g. PyramidDrop keeps every image token in layers 0-7), and the FLOPs
-    ratio the solver reports is the one ``himap flops`` prints for the solved settings."""
+    """LLaVA-1.5-7B at the field's 64 / 128 / 192 tokens: within one token (DART, pooling: half their step) where
+    the method's structure reaches it (else one error naming its range, e.g. PyramidDrop keeps every image token in
+    layers 0-7), and the FLOPs ratio the solver reports is the one ``himap flops`` prints for the solved settings."""
     text = preset_config("llava-1.5-7b").text_config
     lowest = _segments_mean(_brute(method, 32, 576)[0], 32, 576)
     for target in (64, 128, 192):
@@ -165,8 +166,56 @@ def test_every_method_meets_the_fields_budgets_and_prices_like_himap_flops(metho
         assert got.avg_tokens == pytest.approx(_segments_mean(got.policy, 32, 576))
         by_hand = prefill_flops_for(text, n_img=576, n_text=95, policy=got.policy).flops_kept
         assert got.flops_kept == pytest.approx(by_hand)
-        if method in _flops_command_policies():
-            assert _himap_flops("llava-1.5-7b", got.policy, 60, capsys) == pytest.approx(got.flops_kept)
+        assert _himap_flops("llava-1.5-7b", got.policy, 60, capsys) == pytest.approx(got.flops_kept)
+
+
+@pytest.mark.parametrize("n_layers,n_img", SHAPES)
+@pytest.mark.parametrize("pivots_image,pivots_text", [(4, 4), (2, 3)])
+def test_dart_is_met_within_half_a_pivot_step(n_layers, n_img, pivots_image, pivots_text):
+    """DART keeps ``pivots_image + P * (r // P)`` image tokens from layer 2 on (P pivots, each adding r // P), so
+    its reachable T are ``P (L - 2) / L`` apart: the solver's T is the closest a brute-force search over every r
+    reaches, within half that step (at most P / 2: 4 tokens for the published 4 + 4 pivots), and the bound is
+    tight (a target halfway between two reachable T is half a step from both)."""
+    step = pivots_image + pivots_text
+
+    def kept(r):
+        return pivots_image + step * (r // step)
+
+    def t_of(r):
+        return (2 * n_img + (n_layers - 2) * kept(r)) / n_layers
+
+    reachable = sorted({t_of(r) for r in range(1, n_img + 1) if kept(r) <= n_img})
+    half = step * (n_layers - 2) / n_layers / 2
+    assert all(b - a == pytest.approx(2 * half) for a, b in zip(reachable, reachable[1:]))
+    between = [(a + b) / 2 + d for a, b in zip(reachable, reachable[1:]) for d in (-0.3, 0.0, 0.3)]
+    targets = [reachable[0], reachable[-1], *between[:: max(1, len(between) // 12)]]
+    worst = 0.0
+    for target in targets:
+        got = solve("dart", n_layers=n_layers, n_img=n_img, tokens=target, pivots_image=pivots_image,
+                    pivots_text=pivots_text)
+        error = abs(got.avg_tokens - target)
+        assert got.avg_tokens == pytest.approx(t_of(got.policy.r))
+        assert error == pytest.approx(min(abs(t - target) for t in reachable))
+        assert error <= half + 1e-9 <= step / 2 + 1e-9
+        worst = max(worst, error)
+    assert worst == pytest.approx(half)
+
+
+def test_budget_eval_flags_run_in_himap_eval():
+    """``himap budget --eval-flags METHOD`` is what ``himap eval`` reads back as the same policy, for every method
+    (PyramidDrop's layers as a comma list, DART's pivots, random's seed as eval's own --seed)."""
+    from himap.cli.budget import eval_flags
+    from himap.cli.policy_flags import policy_params
+    from himap.policies import from_params
+
+    parser = build_parser("eval")
+    for method in METHODS:
+        policy = solve(method, n_layers=32, n_img=576, tokens=200).policy
+        args = parser.parse_args(["eval", *eval_flags(policy)])
+        params = policy_params(args, args.policy)
+        if method == "random":
+            params["seed"] = args.seed
+        assert from_params(args.policy, params) == policy, method
 
 
 def test_measured_takes_each_samples_own_counts():

@@ -21,12 +21,16 @@ per method, the only place a method joins the solver):
   for one square image grid (64 = 8 x 8 of 576), so ``T`` moves in steps of ``2 sqrt(T) + 1`` and a reachable
   target is met within half a step; R is solved;
 - ``pdrop`` (PyramidDrop): its layers from :func:`himap.policies.defaults` (8, 16, 24 on 32 layers); the ratio
-  lambda (stage s keeps ``lambda**s`` of the image tokens) is solved.
+  lambda (stage s keeps ``lambda**s`` of the image tokens) is solved;
+- ``dart``: K and the pivots (4 image + 4 text) from :func:`himap.policies.defaults`; R is solved. DART keeps
+  ``pivots_image + P * floor(R / P)`` image tokens (``P = pivots_image + pivots_text``, ``DartStage.count``), so R
+  is tried up to the largest value whose count fits ``n_img``.
 
 Both metrics grow monotonically with the budget, so the solver tries every count from 1 to ``n_img`` (a ratio
 budget: every ratio ``c / n_img``) and keeps the one closest to the target; for ``T`` one more token of budget moves
 ``T`` by at most one, so a reachable target is met within one token (within half a token where the step is below
-one).
+one). DART is the exception: its kept count moves in steps of ``P`` (8) as R grows, so its reachable ``T`` are
+spaced ``P * (L - K) / L`` apart and a reachable target is met within half a step: within ``P / 2`` (4) tokens.
 
 What a run *actually* ran at is computed from its records (:func:`measured`): each sample's own image-token count
 and the counts its stages kept, not the nominal setting.
@@ -52,18 +56,26 @@ class Rule:
     """How one method meets a budget. ``free`` is the policy field solved for: an image-token count, or with
     ``ratio`` a fraction ``c / n_img``; ``fixed`` are the fields held at :func:`himap.policies.defaults` unless a
     caller sets them; ``knobs`` are the rule's own settings (with defaults) and ``tied`` derives further fields
-    from the free count ``c`` and the settings."""
+    from the free count ``c`` and the settings; ``top(n_img, settings)`` is the largest ``c`` whose policy fits
+    ``n_img`` image tokens (default ``n_img``)."""
 
     free: str
     fixed: tuple[str, ...] = ()
     knobs: dict = field(default_factory=dict)
     tied: Callable[[int, dict], dict] | None = None
     ratio: bool = False
+    top: Callable[[int, dict], int] | None = None
 
     @property
     def settings(self) -> tuple[str, ...]:
         """What a caller may fix."""
         return (*self.fixed, *self.knobs)
+
+
+def _dart_top(n_img: int, s: dict) -> int:
+    """The largest R whose DART count ``pivots_image + P * floor(R / P)`` (``P``: all pivots) is <= ``n_img``."""
+    step = s["pivots_image"] + s["pivots_text"]
+    return min(n_img, step * ((n_img - s["pivots_image"]) // step) + step - 1)
 
 
 RULES: dict[str, Rule] = {
@@ -74,6 +86,7 @@ RULES: dict[str, Rule] = {
     "pdrop": Rule("ratio", ("layers",), ratio=True),      # PyramidDrop: its ratio lambda at its layers
     "divprune": Rule("r"),                                # before the decoder: T = r
     "pool": Rule("r"),                                    # before the decoder: T = the pooled count
+    "dart": Rule("r", ("k", "pivots_image", "pivots_text"), top=lambda n_img, s: _dart_top(n_img, s)),
 }
 METHODS = tuple(m for m in RULES if m in POLICIES)      # every registered policy that has a rule
 
@@ -108,9 +121,9 @@ def flops_kept(policy: Policy | None, text_config, n_img: int, n_text: int) -> f
     return prefill_flops_for(text_config, n_img=n_img, n_text=n_text, policy=policy).flops_kept
 
 
-def family(method: str, n_layers: int, n_img: int, **fixed) -> Callable[[int], Policy]:
-    """``c -> policy`` for ``method`` with free budget ``c`` in ``1..n_img`` and its other settings fixed (given in
-    ``fixed`` or the defaults)."""
+def family(method: str, n_layers: int, n_img: int, **fixed) -> tuple[Callable[[int], Policy], int]:
+    """``(c -> policy, top)`` for ``method`` with free budget ``c`` in ``1..top`` (:attr:`Rule.top`) and its other
+    settings fixed (given in ``fixed`` or the defaults)."""
     if method not in METHODS:
         raise UserError(f"no budget rule for method {method!r}; choose one of {', '.join(METHODS)}")
     rule = RULES[method]
@@ -125,7 +138,10 @@ def family(method: str, n_layers: int, n_img: int, **fixed) -> Callable[[int], P
         tied = rule.tied(c, settings) if rule.tied else {}
         return from_params(method, {**held, rule.free: c / n_img if rule.ratio else c, **tied}, n_layers=n_layers)
 
-    return make
+    top = rule.top(n_img, settings) if rule.top else n_img
+    if top < 1:
+        raise Unreachable(f"{method} keeps more than the {n_img} image tokens of the input at any budget")
+    return make, top
 
 
 def solve(method: str, *, n_layers: int, n_img: int, tokens: float | None = None, flops: float | None = None,
@@ -134,19 +150,19 @@ def solve(method: str, *, n_layers: int, n_img: int, tokens: float | None = None
     ratio is closest to ``flops`` (needs ``text_config`` and ``n_text``, the non-image tokens of the prompt).
 
     ``fixed`` overrides the method's other settings (:attr:`Rule.settings`: ``k1``, ``k2``, ``ratio`` for HiMAP;
-    ``k``, ``seed``)."""
+    ``k``, ``seed``; ``layers``; DART's ``pivots_image``, ``pivots_text``)."""
     if (tokens is None) == (flops is None):
         raise UserError("give exactly one target: an average number of image tokens per layer or a FLOPs ratio")
     with_flops = text_config is not None and n_text is not None
     if flops is not None and not with_flops:
         raise UserError("a FLOPs-ratio target needs the decoder's shape and the prompt's non-image token count")
-    make = family(method, n_layers, n_img, **fixed)
-    check(make(n_img), n_layers, n_img)         # the fixed layers fit this decoder
+    make, top = family(method, n_layers, n_img, **fixed)
+    check(make(top), n_layers, n_img)           # the fixed layers fit this decoder
     if tokens is not None:
         metric, target = (lambda p: average_tokens(p, n_layers, n_img)), float(tokens)
     else:
         metric, target = (lambda p: flops_kept(p, text_config, n_img, n_text)), float(flops)
-    candidates = [make(b) for b in range(1, n_img + 1)]
+    candidates = [make(b) for b in range(1, top + 1)]
     values = [metric(p) for p in candidates]
     if not values[0] - _slack(tokens) <= target <= values[-1] + _slack(tokens):
         what = "average image tokens per layer" if tokens is not None else "FLOPs ratio"
