@@ -14,4 +14,4 @@ start=$(date +%s)
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "${PAIR[@]}" -e ".[dev,lmms]"
 "$VENV/bin/python" -c "import torchvision, lmms_eval.models as m; from himap.integrations import LMMS_EVAL_MODELS as h; [m.get_model(n) for n in h]"
-echo "lmms-eval plugin installed in $VENV in $(( $(date +%s) - start )) s: $VENV/bin/lmms-eval --model himap_llava|himap_qwen2_5_vl|himap_qwen3_vl|himap_internvl|himap_gemma3 ..."
+echo "lmms-eval plugin installed in $VENV in $(( $(date +%s) - start )) s: $VENV/bin/lmms-eval --model himap_llava|himap_qwen2_vl|himap_qwen2_5_vl|himap_qwen3_vl|himap_internvl|himap_gemma3|himap_mistral3 ..."

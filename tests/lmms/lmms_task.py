@@ -45,6 +45,15 @@ def reference_generations(model_dir, items, policy, model_cls=None, dtype=None,
     return texts, n_text
 
 
+def jpeg_data_url(image) -> str:
+    """``image`` as lmms-eval's simple Qwen2-VL and Gemma 3 classes pass it: an RGB JPEG (quality 85) data URL."""
+    import base64
+    import io
+
+    jpeg = io.BytesIO()
+    image.convert("RGB").save(jpeg, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode()
+
 
 def save_tiny(env, name: str, video_processor: str | None = None, **video_kwargs) -> Path:
     """The tiny random checkpoint of family ``name`` (the families' test model) with its processor, saved to a

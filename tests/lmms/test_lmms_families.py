@@ -13,7 +13,15 @@ import pytest
 lmms_eval = pytest.importorskip("lmms_eval")
 
 from lmms_fixtures import env, evaluate, items, task_dir  # noqa: E402, F401  (fixtures)
-from lmms_task import MAX_NEW_TOKENS, N_ITEMS, as_model_args, generations, reference_generations, save_tiny  # noqa: E402
+from lmms_task import (  # noqa: E402
+    MAX_NEW_TOKENS,
+    N_ITEMS,
+    as_model_args,
+    generations,
+    jpeg_data_url,  # noqa: E402
+    reference_generations,
+    save_tiny,
+)
 
 from himap import HiMAP, apply  # noqa: E402
 from himap.data.scienceqa import SINGLE_PRED_PROMPT  # noqa: E402
@@ -72,32 +80,39 @@ def test_hf_chat_families_policy_himap_equals_direct_apply(hf_chat, items):
 # for Qwen2.5-VL, 16 for Qwen3-VL); Qwen2.5-VL's processor then resizes between min_pixels and max_pixels (given
 # small here: the defaults are for 28-pixel merged patches), Qwen3-VL's is called with do_resize=False.
 QWEN_PIXELS = dict(min_pixels=32 * 32, max_pixels=64 * 64)
-# Qwen3-VL's class also puts its default system prompt first in every conversation.
+# Qwen3-VL's class also puts its default system prompt first in every conversation, and so does lmms-eval's
+# simple qwen2_vl (as a plain string, below).
 # family -> (processor class, video processor class, model class, qwen_vl_utils kwargs, processor kwargs, system)
-QWEN = {"qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor", "Qwen2_5_VLForConditionalGeneration",
+QWEN = {"qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLVideoProcessor", "Qwen2VLForConditionalGeneration", {}, {},
+                     "You are a helpful assistant."),
+        "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor", "Qwen2_5_VLForConditionalGeneration",
                        dict(image_patch_size=14), {}, None),
         "qwen3_vl": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor", "Qwen3VLForConditionalGeneration",
                      dict(image_patch_size=16), dict(do_resize=False), "You are a helpful assistant.")}
 
 
-@pytest.fixture(scope="module", params=list(QWEN))
-def qwen(request, env):
-    """(family, folder): a tiny random checkpoint of the family (the families' test model) with its processor,
-    saved: the stock processor class, with a video processor (torchvision is installed here) so that it saves
-    and loads."""
+def save_qwen(env, name: str) -> Path:
+    """A tiny random checkpoint of Qwen family ``name`` (the families' test model) with its processor, saved:
+    the stock processor class, with a video processor (torchvision is installed here) so that it saves and
+    loads."""
     sys.path.insert(0, str(Path(__file__).parents[1]))
     import transformers
 
     import families
 
-    name = request.param
     processor_cls, video_cls = (getattr(transformers, c) for c in QWEN[name][:2])
     folder, parts = env / name, families.processor(name)
     families.model(name).save_pretrained(folder)
     video = video_cls(patch_size=8, merge_size=2, temporal_patch_size=2)
     processor_cls(image_processor=parts.image_processor, tokenizer=parts.tokenizer, video_processor=video,
                   chat_template=parts.chat_template).save_pretrained(folder)
-    return name, folder
+    return folder
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def qwen(request, env):
+    """(family, folder) for the chat Qwen families."""
+    return request.param, save_qwen(env, request.param)
 
 
 def qwen_reference(qwen, items, policy) -> list[str]:
@@ -153,14 +168,137 @@ def test_qwen_policy_himap_equals_direct_apply(run_qwen, qwen, items):
     assert report["avg_himap_flops_kept"] < 1.0
 
 
+# -- Qwen2-VL: lmms-eval's qwen2_vl (simple) ---------------------------------------------------------------------
+# It loads the checkpoint's dtype, gives the system prompt as a plain string, passes each image as a JPEG
+# (quality 85) data URL with its min/max pixels to qwen_vl_utils (default 14-pixel patches), the processor
+# (loaded with the same bounds) left-pads, and each answer is cut at the first end-of-sequence and stripped.
+def qwen2_vl_reference(folder, items, policy) -> list[str]:
+    """The pruned Qwen2-VL's greedy answers without lmms-eval, the prompt and image encoding written out here."""
+    import torch
+    from qwen_vl_utils import process_vision_info
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(folder, **QWEN_PIXELS)
+    texts = []
+    with apply(model, policy):
+        for it in items:
+            prompt = it.human_turn().removeprefix("<image>\n") + "\n" + SINGLE_PRED_PROMPT
+            image = {"type": "image", "image": jpeg_data_url(it.render(168)), **QWEN_PIXELS}
+            chat = [{"role": "system", "content": QWEN["qwen2_vl"][5]},
+                    {"role": "user", "content": [image, {"type": "text", "text": prompt}]}]
+            images, _ = process_vision_info([chat])
+            text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            inputs = processor(text=[text], images=images, padding=True, return_tensors="pt")
+            out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            new = out[0, inputs["input_ids"].shape[1]:]
+            texts.append(processor.tokenizer.decode(new, skip_special_tokens=True,
+                                                    clean_up_tokenization_spaces=False).strip())
+    return texts
+
+
+def test_qwen2_vl_none_equals_builtin_and_himap_equals_direct_apply(env, evaluate, items):
+    folder = save_qwen(env, "qwen2_vl")
+    args = f"pretrained={folder},device_map=cpu,{as_model_args(QWEN_PIXELS)}"
+    ours, builtin = evaluate("himap_qwen2_vl", f"{args},policy=none"), evaluate("qwen2_vl", args)
+    assert generations(ours) == generations(builtin)
+    assert len(generations(ours)) == N_ITEMS and all(generations(ours))
+    assert ours["throughput"]["avg_himap_flops_kept"] == 1.0
+    params = dict(k1=2, r1=0.5, k2=4, r2=0.25)
+    pruned = evaluate("himap_qwen2_vl", f"{args},policy=himap,{as_model_args(params)}")
+    assert generations(pruned) == qwen2_vl_reference(folder, items, HiMAP(**params))
+    assert generations(pruned) != generations(ours)   # the answers see the pruning
+    report = pruned["throughput"]
+    assert report["avg_himap_prefills"] == report["avg_himap_pruned_prefills"] == N_ITEMS
+    assert report["avg_himap_flops_kept"] < 1.0
+
+
+# -- Mistral 3: lmms-eval's mistral3_vl (simple) -----------------------------------------------------------------
+# It loads float32 off CUDA, writes the prompt itself ("<s>[INST]" + one [IMG] per image + "\n" + question +
+# "[/INST]", no chat template), calls the processor (a PixtralProcessor) on it, generates greedily with a
+# repetition penalty of 1.2 and strips the answer.
+def save_mistral3(env) -> Path:
+    """The families' tiny Mistral 3 with a stock ``PixtralProcessor`` (torchvision is installed here) built from
+    the families' image processor and tokenizer, the patch and merge sizes read from the model's config.
+
+    Two weight changes make its greedy answers depend on the image: as built, the final norm of a residual
+    stream this small is the last prompt token's embedding, so every prompt gets the same answer (a special
+    token, decoded to ""). Token embeddings scaled by 1/100 let the layers' outputs (attention over the image)
+    decide; the output head's special-token rows zeroed keep the answers visible."""
+    import copy
+
+    import torch
+    from transformers import PixtralProcessor
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    import families
+
+    folder, model, parts = env / "mistral3", copy.deepcopy(families.model("mistral3")), families.processor("mistral3")
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(0.01)
+        model.lm_head.weight[:len(families.SPECIAL)] = 0.0   # SPECIAL: the first ids of the families' vocabulary
+    model.save_pretrained(folder)
+    PixtralProcessor(image_processor=parts.image_processor, tokenizer=parts.tokenizer,
+                     patch_size=model.config.vision_config.patch_size,
+                     spatial_merge_size=model.config.spatial_merge_size,
+                     chat_template=parts.tokenizer.chat_template).save_pretrained(folder)
+    return folder
+
+
+def mistral3_reference(folder, items, policy) -> list[str]:
+    """The pruned Mistral 3's greedy answers without lmms-eval, its prompt format written out here."""
+    import torch
+    from transformers import AutoProcessor, Mistral3ForConditionalGeneration
+
+    model = Mistral3ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    texts = []
+    with apply(model, policy):
+        for it in items:
+            prompt = it.human_turn().removeprefix("<image>\n") + "\n" + SINGLE_PRED_PROMPT
+            inputs = processor(images=[it.render(168)], text=f"<s>[INST][IMG]\n{prompt}[/INST]", return_tensors="pt")
+            inputs.pop("token_type_ids", None)
+            out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, repetition_penalty=1.2,
+                                 pad_token_id=processor.tokenizer.eos_token_id)
+            texts.append(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return texts
+
+
+def test_mistral3_none_equals_builtin_and_himap_equals_direct_apply(env, evaluate, items):
+    folder = save_mistral3(env)
+    args = f"pretrained={folder},device_map=cpu"
+    ours, builtin = evaluate("himap_mistral3", f"{args},policy=none"), evaluate("mistral3_vl", args)
+    assert generations(ours) == generations(builtin)
+    assert len(generations(ours)) == N_ITEMS and all(generations(ours))
+    assert ours["throughput"]["avg_himap_flops_kept"] == 1.0
+    params = dict(k1=2, r1=0.5, k2=4, r2=0.25)
+    pruned = evaluate("himap_mistral3", f"{args},policy=himap,{as_model_args(params)}")
+    assert generations(pruned) == mistral3_reference(folder, items, HiMAP(**params))
+    assert generations(pruned) != generations(ours)   # the answers see the pruning
+    report = pruned["throughput"]
+    assert report["avg_himap_prefills"] == report["avg_himap_pruned_prefills"] == N_ITEMS
+    assert report["avg_himap_flops_kept"] < 1.0
+
+
+def test_mistral3_with_an_unsupported_decoder_stops_before_loading(env, evaluate):
+    """A Mistral 3 config with a ``ministral3`` decoder and no weights: one line naming the decoder type (loading
+    would fail on the missing weights instead)."""
+    import transformers
+
+    folder = env / "ministral3"
+    text = dict(model_type="ministral3", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    transformers.Mistral3Config(text_config=text).save_pretrained(folder)
+    with pytest.raises(ValueError) as err:
+        evaluate("himap_mistral3", f"pretrained={folder},device_map=cpu,policy=himap")
+    assert "unsupported language model type 'ministral3'" in str(err.value) and "\n" not in str(err.value)
+
+
 # -- Gemma 3: lmms-eval's gemma3 (simple) ------------------------------------------------------------------------
 # It loads bfloat16, puts its default system prompt first, passes each image as a JPEG (quality 85) data URL and
 # tokenizes through the processor's chat template padded to a multiple of 8.
 def gemma3_reference(folder, items, policy) -> list[str]:
     """The pruned Gemma 3's greedy answers without lmms-eval, the prompt and image encoding written out here."""
-    import base64
-    import io
-
     import torch
     from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
@@ -169,9 +307,7 @@ def gemma3_reference(folder, items, policy) -> list[str]:
     texts = []
     with apply(model, policy):
         for it in items:
-            jpeg = io.BytesIO()
-            it.render(168).convert("RGB").save(jpeg, format="JPEG", quality=85)
-            url = "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode()
+            url = jpeg_data_url(it.render(168))
             prompt = it.human_turn().removeprefix("<image>\n") + "\n" + SINGLE_PRED_PROMPT
             chat = [{"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]},
                     {"role": "user", "content": [{"type": "image", "image": url}, {"type": "text", "text": prompt}]}]

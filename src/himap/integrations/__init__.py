@@ -9,14 +9,15 @@ from __future__ import annotations
 
 LMMS_EVAL_MODELS = {"himap_llava": "HimapLlava", "himap_qwen2_5_vl": "HimapQwen2_5_VL",
                     "himap_qwen3_vl": "HimapQwen3_VL", "himap_internvl": "HimapInternVL",
-                    "himap_gemma3": "HimapGemma3"}
+                    "himap_gemma3": "HimapGemma3", "himap_qwen2_vl": "HimapQwen2_VL",
+                    "himap_mistral3": "HimapMistral3"}
 
-SIMPLE = {"himap_gemma3"}   # subclasses of an lmms-eval "simple" (not chat) model
+SIMPLE = {"himap_gemma3", "himap_qwen2_vl", "himap_mistral3"}   # subclasses of an lmms-eval "simple" (not chat) model
 
 
 def lmms_eval_models():
-    """The lmms-eval manifests registering every ``himap_<family>`` model (chat models, like lmms-eval's own
-    class each one subclasses)."""
+    """The lmms-eval manifests registering every ``himap_<family>`` model (chat or simple, as lmms-eval's own
+    class that each one subclasses)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return [ModelManifest(model_id=name, **{f"{'simple' if name in SIMPLE else 'chat'}_class_path":

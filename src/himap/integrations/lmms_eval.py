@@ -7,8 +7,11 @@
 Models: ``himap_llava`` subclasses ``lmms_eval.models.chat.llava_hf.LlavaHf`` (llava-hf LLaVA-1.5, LLaVA-NeXT
 and LLaVA-OneVision checkpoints: lmms-eval's own ``llava_onevision`` class loads the original repository's code,
 not ``transformers``); ``himap_qwen2_5_vl`` and ``himap_qwen3_vl`` subclass
-``lmms_eval.models.chat.qwen2_5_vl.Qwen2_5_VL`` and ``lmms_eval.models.chat.qwen3_vl.Qwen3_VL``. Loading, chat
-template, generation kwargs and accelerate data parallelism are lmms-eval's. What :class:`HimapModel` adds:
+``lmms_eval.models.chat.qwen2_5_vl.Qwen2_5_VL`` and ``lmms_eval.models.chat.qwen3_vl.Qwen3_VL``, ``himap_internvl``
+subclasses ``lmms_eval.models.chat.internvl_hf.InternVLHf``; the "simple" (not chat) ``himap_qwen2_vl``,
+``himap_gemma3`` and ``himap_mistral3`` subclass ``lmms_eval.models.simple.qwen2_vl.Qwen2_VL``,
+``...simple.gemma3.Gemma3`` and ``...simple.mistral3_vl.Mistral3_VL``. Loading, prompt or chat template,
+generation kwargs and accelerate data parallelism are lmms-eval's. What :class:`HimapModel` adds:
 
 - the policy, applied with :func:`himap.apply` right after loading and validated (with the model's config)
   before any weight is read;
@@ -37,6 +40,8 @@ from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL
 from lmms_eval.models.chat.qwen3_vl import Qwen3_VL
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.models.simple.gemma3 import Gemma3
+from lmms_eval.models.simple.mistral3_vl import Mistral3_VL
+from lmms_eval.models.simple.qwen2_vl import Qwen2_VL
 from lmms_eval.protocol import ChatMessages
 from loguru import logger as eval_logger
 from tqdm import tqdm
@@ -45,7 +50,7 @@ from ..configs import image_tokens_for
 from ..engine import apply
 from ..errors import UserError
 from ..flops import layer_flops, prefill_flops_for
-from ..models import inputs_module, visual_token_ids
+from ..models import family_of, inputs_module, visual_token_ids
 from ..policies import NAMES, to_params
 from .model_args import PARAM_NAMES, policy_from_args
 
@@ -137,6 +142,7 @@ class HimapModel:
         if getattr(config, "model_type", None) not in self.model_types:
             raise UserError(f"{self.model_id} needs a {self.checkpoint} checkpoint; {pretrained} has model_type "
                             f"{getattr(config, 'model_type', None)!r}")
+        family_of(config)   # its decoder type too (e.g. a Mistral 3 with a ministral3 decoder), before any weight
         self.himap_policy = policy_from_args(policy, params, n_layers=config.text_config.num_hidden_layers,
                                              n_img=image_tokens_for(config))
         if kwargs.get("device_map", "") == "":
@@ -284,4 +290,27 @@ class HimapGemma3(HimapModel, Gemma3):
     model_id, model_types, checkpoint = "himap_gemma3", ("gemma3",), "Gemma 3"
 
     def __init__(self, pretrained: str = "google/gemma-3-27b-it", policy: str = "none", **kwargs) -> None:
+        super().__init__(pretrained, policy, **kwargs)
+
+
+class HimapQwen2_VL(HimapModel, Qwen2_VL):
+    """``himap_qwen2_vl``: lmms-eval's ``qwen2_vl`` (simple; the checkpoint's dtype, batches itself, left-padded)
+    with himap's model_args."""
+
+    model_id, model_types, checkpoint = "himap_qwen2_vl", ("qwen2_vl",), "Qwen2-VL"
+
+    def __init__(self, pretrained: str = "Qwen/Qwen2-VL-7B-Instruct", policy: str = "none", **kwargs) -> None:
+        super().__init__(pretrained, policy, **kwargs)
+
+
+class HimapMistral3(HimapModel, Mistral3_VL):
+    """``himap_mistral3``: lmms-eval's ``mistral3_vl`` (simple; ``Mistral3ForConditionalGeneration`` with its
+    ``PixtralProcessor``, bfloat16 on CUDA, one request per ``generate``) with himap's model_args. The default is
+    a checkpoint with a ``mistral`` decoder: lmms-eval's default, Ministral 3, has ``transformers``' ``ministral3``
+    decoder, which the engine does not support (refused before loading)."""
+
+    model_id, model_types, checkpoint = "himap_mistral3", ("mistral3",), "Mistral 3"
+
+    def __init__(self, pretrained: str = "mistralai/Mistral-Small-3.1-24B-Instruct-2503", policy: str = "none",
+                 **kwargs) -> None:
         super().__init__(pretrained, policy, **kwargs)
