@@ -46,6 +46,8 @@ def _brute(method: str, n_layers: int, n_img: int) -> list:
         return [POLICIES["dart"](2, r, 4, 4) for r in range(1, n_img + 1) if 4 + 8 * (r // 8) <= n_img]
     if method == "pool":       # average pooling before the decoder: round(sqrt(r))**2 tokens of one square grid
         return [POLICIES["pool"](r) for r in range(1, n_img + 1)]
+    if method == "visionzip":  # VisionZip before the decoder: d dominant + round(10 d / 54) contextual tokens
+        return [POLICIES["visionzip"](d, round(d * 10 / 54)) for d in range(1, n_img + 1)]
     return [RandomPrune(2, r) for r in range(1, n_img + 1)]
 
 

@@ -20,6 +20,8 @@ per method, the only place a method joins the solver):
 - ``pool`` (average pooling): no other setting; before the decoder ``T`` is the pooled count, ``round(sqrt(R))**2``
   for one square image grid (64 = 8 x 8 of 576), so ``T`` moves in steps of ``2 sqrt(T) + 1`` and a reachable
   target is met within half a step; R is solved;
+- ``visionzip``: the contextual tokens tied to the dominant ones as published (10 per 54, rounded); before the
+  decoder ``T`` is their sum per image; the dominant count is solved;
 - ``pdrop`` (PyramidDrop): its layers from :func:`himap.policies.defaults` (8, 16, 24 on 32 layers); the ratio
   lambda (stage s keeps ``lambda**s`` of the image tokens) is solved;
 - ``dart``: K and the pivots (4 image + 4 text) from :func:`himap.policies.defaults`; R is solved. DART keeps
@@ -45,6 +47,7 @@ from .errors import UserError
 from .policies import POLICIES, Policy, check, defaults, from_params
 
 HIMAP_R2_PER_R1 = 0.25       # the paper's R2 / R1 = 72 / 288
+VISIONZIP_CONTEXTUAL_PER_DOMINANT = 10 / 54     # VisionZip's published 54 + 10 (108 + 20, 162 + 30)
 
 
 class Unreachable(UserError):
@@ -86,6 +89,8 @@ RULES: dict[str, Rule] = {
     "pdrop": Rule("ratio", ("layers",), ratio=True),      # PyramidDrop: its ratio lambda at its layers
     "divprune": Rule("r"),                                # before the decoder: T = r
     "pool": Rule("r"),                                    # before the decoder: T = the pooled count
+    "visionzip": Rule("dominant", knobs={"ratio": VISIONZIP_CONTEXTUAL_PER_DOMINANT},
+                      tied=lambda d, s: {"contextual": round(d * s["ratio"])}),   # before the decoder: T = d + c
     "dart": Rule("r", ("k", "pivots_image", "pivots_text"), top=lambda n_img, s: _dart_top(n_img, s)),
 }
 METHODS = tuple(m for m in RULES if m in POLICIES)      # every registered policy that has a rule
