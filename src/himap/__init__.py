@@ -8,7 +8,7 @@ import importlib
 
 _EXPORTS = {"apply": "engine", "Pruner": "engine", "is_pruned": "engine", "active": "engine", "HiMAP": "policies",
             "FastV": "policies", "RandomPrune": "policies", "PyramidDrop": "policies", "DART": "policies",
-            "DivPrune": "policies", "Stage": "policies", "saliency": "analysis",
+            "DivPrune": "policies", "AvgPool": "policies", "VisionZip": "policies", "Stage": "policies", "saliency": "analysis",
             "Saliency": "analysis", "knockout": "analysis", "Knockout": "analysis",
             "supported_families": "models"}
 
