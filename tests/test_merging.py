@@ -325,3 +325,13 @@ def test_visionzip_remove_restores_stock():
         assert model(**inputs).logits.shape[1] < stock.shape[1]
     assert len(tower_layer._forward_hooks) == before
     assert torch.equal(model(**inputs).logits, stock)
+
+
+def test_pool_of_everything_is_stock():
+    """r = 1.0: every window is one token, its own slot: the stock model bit for bit."""
+    model = families.model("llava")
+    inputs = families.inputs("llava", families.SAMPLES[2])
+    stock = model(**inputs).logits
+    with himap.apply(model, policies.AvgPool(r=1.0)) as handle:
+        assert torch.equal(model(**inputs).logits, stock)
+    assert kept_lists(handle.kept)[0][0].tolist() == visual("llava", inputs)[0].nonzero()[:, 0].tolist()

@@ -8,8 +8,8 @@ import importlib
 
 _EXPORTS = {"apply": "engine", "Pruner": "engine", "is_pruned": "engine", "active": "engine", "HiMAP": "policies",
             "FastV": "policies", "RandomPrune": "policies", "PyramidDrop": "policies", "DART": "policies",
-            "DivPrune": "policies", "AvgPool": "policies", "VisionZip": "policies", "Stage": "policies", "saliency": "analysis",
-            "Saliency": "analysis", "knockout": "analysis", "Knockout": "analysis",
+            "DivPrune": "policies", "AvgPool": "policies", "VisionZip": "policies", "Stage": "policies",
+            "saliency": "analysis", "Saliency": "analysis", "knockout": "analysis", "Knockout": "analysis",
             "supported_families": "models"}
 
 __all__ = list(_EXPORTS)
