@@ -335,3 +335,15 @@ def test_pool_of_everything_is_stock():
     with himap.apply(model, policies.AvgPool(r=1.0)) as handle:
         assert torch.equal(model(**inputs).logits, stock)
     assert kept_lists(handle.kept)[0][0].tolist() == visual("llava", inputs)[0].nonzero()[:, 0].tolist()
+
+
+@pytest.mark.parametrize("family,policy", [("llava", ZIP), ("mistral3", POOL)])
+def test_merge_needs_the_tower_in_the_same_forward(family, policy):
+    """Image features encoded before himap was applied (``mm_encoder_outputs``) are refused in one line."""
+    model = families.model(family)
+    inputs = families.inputs(family, families.SAMPLES[0])
+    encoded = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes")}
+    features = model.model.get_image_features(**encoded, return_dict=True)
+    text = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    with himap.apply(model, policy), pytest.raises(UserError, match="cannot take image features encoded before"):
+        model(**text, mm_encoder_outputs={"image": features})

@@ -129,6 +129,10 @@ def image_grids(model: nn.Module, what: str) -> GridRule:
                     f"Qwen2.5-VL, InternVL, Gemma 3 and Mistral 3")
 
 
+_NO_TOWER = ("{} reads the vision tower as it encodes the images of the same forward; it cannot take image "
+             "features encoded before (mm_encoder_outputs)")
+
+
 def vision_tower(model: nn.Module) -> nn.Module:
     """The vision encoder module (``vision_tower``, or Qwen's ``visual``)."""
     inner = inputs_module(model)
@@ -192,6 +196,8 @@ class _PoolMerger(Merger):
 
     def merge(self, inputs: SelectInputs) -> Merged:
         tower, self.tower = self.tower, {}
+        if self.rule.sizes is not None and not tower:
+            raise UserError(_NO_TOWER.format("average pooling"))
         if self.video_ids and torch.isin(self.ids, torch.tensor(self.video_ids, device=self.ids.device)).any():
             raise UserError("average pooling pools image grids; video tokens are not supported")
         n_img = inputs.is_img.sum(1).tolist()
@@ -275,6 +281,8 @@ class _ZipMerger(Merger):
         return [self.layer.register_forward_hook(grab, with_kwargs=True)]
 
     def merge(self, inputs: SelectInputs) -> Merged:
+        if self.seen is None:
+            raise UserError(_NO_TOWER.format("VisionZip"))
         (x, out), self.seen = self.seen, None
         cls_attention, keys = self._cls_attention_and_keys(x)                      # (I, P), (I, P, D)
         votes = torch.zeros(inputs.is_img.shape, device=inputs.hidden.device)

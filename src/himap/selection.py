@@ -3,7 +3,9 @@
 A :class:`SelectStage` is a :class:`~himap.policies.Stage` with a ``select`` rule: before its layer ``K`` the
 engine hands it a :class:`SelectInputs` (the hidden states entering layer ``K``, the decoder's final norm, the
 key states of layer ``K - 1`` after RoPE, the visual and text slots) and prunes to the visual slots it votes
-highest, ``count(n_img)`` of them per sample. Selection rules of peer methods live here (DART).
+highest, ``count(n_img)`` of them per sample. Selection rules of peer methods live here (DART, DivPrune). A stage
+that also writes new features into the slots it keeps (average pooling, VisionZip) is a :mod:`himap.merging`
+``MergeStage``: it returns the hidden states the kept slots are gathered from as well.
 """
 
 from __future__ import annotations
