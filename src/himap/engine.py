@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
@@ -385,12 +386,12 @@ class _Scorer(hooks.AttentionHook):
             return
         with _range("himap.score"):
             lo, hi, weight = self.pruner.rows(stage)
-            probs = hooks.attention_probs(module, query, key, mask, slice(lo, hi))   # (B, H, R, K)
+            probs = hooks.attention_probs(module, query, key, mask, slice(lo, hi))   # (B, H, R, hi)
             if weight is None:        # every row votes; the head mean's 1/H does not change the ranking
-                votes = probs.sum((1, 2))                                             # (B, K)
+                votes = probs.sum((1, 2))                                             # (B, hi)
             else:
                 votes = torch.bmm(weight.to(probs.dtype)[:, None, :], probs.mean(1))[:, 0]
-            self.pruner.resolve(stage, votes)
+            self.pruner.resolve(stage, F.pad(votes, (0, key.shape[2] - hi)))          # (B, M)
 
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Pruner] = weakref.WeakKeyDictionary()
