@@ -295,7 +295,7 @@ class Pruner:
         ep.current = s
         if s:
             attn_kwargs.update(self._restricted(ep, s, layer.self_attn.layer_idx, (hidden,), kwargs))
-        layer.self_attn(hidden_states=layer.input_layernorm(hidden), past_key_values=None, **attn_kwargs)
+        layer.self_attn(hidden_states=layer.input_layernorm(hidden), **attn_kwargs)   # no cache: not stored
         ep.current = s + 1
 
     def _select(self, stage: Stage, args: tuple, kwargs: dict) -> None:
