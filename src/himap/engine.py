@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
@@ -302,7 +303,7 @@ class Pruner:
         ep.current = s
         if s:
             attn_kwargs.update(self._restricted(ep, s, layer.self_attn.layer_idx, (hidden,), kwargs))
-        layer.self_attn(hidden_states=layer.input_layernorm(hidden), past_key_values=None, **attn_kwargs)
+        layer.self_attn(hidden_states=layer.input_layernorm(hidden), **attn_kwargs)   # no cache: not stored
         ep.current = s + 1
 
     def _select(self, stage: Stage, args: tuple, kwargs: dict) -> None:
@@ -400,12 +401,12 @@ class _Scorer(hooks.AttentionHook):
             return
         with _range("himap.score"):
             lo, hi, weight = self.pruner.rows(stage)
-            probs = hooks.attention_probs(module, query, key, mask, slice(lo, hi))   # (B, H, R, K)
+            probs = hooks.attention_probs(module, query, key, mask, slice(lo, hi))   # (B, H, R, hi)
             if weight is None:        # every row votes; the head mean's 1/H does not change the ranking
-                votes = probs.sum((1, 2))                                             # (B, K)
+                votes = probs.sum((1, 2))                                             # (B, hi)
             else:
                 votes = torch.bmm(weight.to(probs.dtype)[:, None, :], probs.mean(1))[:, 0]
-            self.pruner.resolve(stage, votes)
+            self.pruner.resolve(stage, F.pad(votes, (0, key.shape[2] - hi)))          # (B, M)
 
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Pruner] = weakref.WeakKeyDictionary()

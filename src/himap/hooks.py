@@ -59,10 +59,6 @@ def inner_implementation(config) -> str:
     return (config._attn_implementation or "eager").removeprefix(PREFIX)
 
 
-def _inner_name(module: nn.Module) -> str:
-    return inner_implementation(module.config)
-
-
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     """(B, H_kv, T, D) -> (B, H_kv * groups, T, D), as grouped-query attention shares keys."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
@@ -92,22 +88,29 @@ def additive_mask(mask: torch.Tensor | None, q_len: int, k_len: int, dtype: torc
 
 
 def attention_probs(module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-                    rows: torch.Tensor | slice | None = None) -> torch.Tensor:
-    """Softmax attention (B, H, R, K) of ``rows`` of the queries (an index or a slice; all rows if None), as
-    eager attention computes it: scaled scores plus the additive mask (a bool mask cuts with the dtype's
-    minimum, the same thing), fp32 softmax, cast back to the query dtype."""
+                    rows: slice | None = None) -> torch.Tensor:
+    """Softmax attention (B, H, R, K) of a window of ``rows`` of the queries (all rows if None), as eager
+    attention computes it: scaled scores plus the additive mask (a bool mask cuts with the dtype's minimum, the
+    same thing), fp32 softmax, cast back to the query dtype.
+
+    A window ``rows = slice(lo, hi)`` of a prefill (queries = keys) reads the keys before ``hi`` only, so K = hi:
+    no row before ``hi`` can see a later key (masks are causal; the only non-causal ones, bidirectional image
+    blocks, never reach past the block's last image token), and a cut key's probability is exactly 0."""
     q_len, k_len = query.shape[2], key.shape[2]
     if mask is None:
         mask = _causal_additive(q_len, k_len, query.dtype, query.device)
     if rows is not None:         # cut the rows first: the mask may be (B, 1, T, T)
-        query = query[:, :, rows]
-        mask = mask[:, :, rows] if mask.shape[2] > 1 else mask
+        upto = rows.stop if q_len == k_len else k_len
+        query, key = query[:, :, rows], key[:, :, :upto]
+        mask = (mask[:, :, rows] if mask.shape[2] > 1 else mask)[..., :upto]
     key = repeat_kv(key, getattr(module, "num_key_value_groups", 1))
-    scores = torch.matmul(query, key.transpose(2, 3)) * module.scaling                # (B, H, R, K)
+    scores = torch.matmul(query, key.transpose(2, 3))                                    # (B, H, R, K)
+    # in place: a window's scores are large enough that a fresh buffer per step costs page faults on a CPU
+    scores.mul_(module.scaling)
     if mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
     else:
-        scores = scores + mask.to(scores.dtype)
+        scores.add_(mask.to(scores.dtype))
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
 
 
@@ -145,30 +148,35 @@ def _module_eager(module: nn.Module) -> Callable:
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
-def hooked_attention(module, query, key, value, attention_mask, **kwargs):
-    """The registered attention function: runs the layer's hooks around the original implementation."""
-    inner = _inner_name(module)
-    hooks = _HOOKS.get(module, ())
-    for hook in hooks:
-        hook.qk(module, query, key, attention_mask)
-    stock_mask = attention_mask
-    for hook in hooks:
-        block = hook.block(module, query, key)
-        if block is not None:
-            attention_mask = _cut(attention_mask, block, query, key, inner)
-    if any(hook.needs_pattern for hook in hooks):
-        return _eager_with_pattern(module, query, key, value, attention_mask, hooks, **kwargs)
-    fn = _module_eager(module) if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
-    out, probs = fn(module, query, key, value, attention_mask, **kwargs)
-    if attention_mask is not stock_mask:
-        # A query the cut leaves without any readable key (a sliding window holding only cut keys) reads nothing:
-        # its attention output and probabilities are 0, instead of a softmax over cut keys (uniform, or NaN).
-        empty = _no_key(attention_mask)
-        if stock_mask is not None:
-            empty &= ~_no_key(stock_mask)                                               # (B, 1, Q)
-        out = out.masked_fill(empty[:, 0, :, None, None], 0.0)                          # out: (B, Q, H, D)
-        probs = None if probs is None else probs.masked_fill(empty[..., None], 0.0)
-    return out, probs
+def _hooked(inner: str) -> Callable:
+    """The attention function registered as ``himap_<inner>``: the layer's hooks around the original."""
+
+    def hooked_attention(module, query, key, value, attention_mask, **kwargs):
+        hooks = _HOOKS.get(module)
+        original = _module_eager(module) if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
+        if not hooks:               # most layers: the original, untouched
+            return original(module, query, key, value, attention_mask, **kwargs)
+        for hook in hooks:
+            hook.qk(module, query, key, attention_mask)
+        stock_mask = attention_mask
+        for hook in hooks:
+            block = hook.block(module, query, key)
+            if block is not None:
+                attention_mask = _cut(attention_mask, block, query, key, inner)
+        if any(hook.needs_pattern for hook in hooks):
+            return _eager_with_pattern(module, query, key, value, attention_mask, hooks, **kwargs)
+        out, probs = original(module, query, key, value, attention_mask, **kwargs)
+        if attention_mask is not stock_mask:
+            # A query the cut leaves without any readable key (a sliding window holding only cut keys) reads
+            # nothing: its output and probabilities are 0, instead of a softmax over cut keys (uniform, or NaN).
+            empty = _no_key(attention_mask)
+            if stock_mask is not None:
+                empty &= ~_no_key(stock_mask)                                           # (B, 1, Q)
+            out = out.masked_fill(empty[:, 0, :, None, None], 0.0)                      # out: (B, Q, H, D)
+            probs = None if probs is None else probs.masked_fill(empty[..., None], 0.0)
+        return out, probs
+
+    return hooked_attention
 
 
 def _register(inner: str) -> str:
@@ -178,7 +186,7 @@ def _register(inner: str) -> str:
         raise UserError(f"himap cannot hook attention implementation {inner!r}; load the model with "
                         f"attn_implementation='sdpa' or 'eager'")
     if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, hooked_attention)
+        AttentionInterface.register(name, _hooked(inner))
         # Without a mask function of the same name no causal mask is built and attention runs non-causal.
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
     return name
@@ -199,7 +207,7 @@ class HookHandle:
                 _HOOKS.pop(module, None)
         self._pairs = []
         if not any(m in _HOOKS for m in self._all):
-            self._config._attn_implementation = _inner_name(self._all[0])
+            self._config._attn_implementation = inner_implementation(self._all[0].config)
 
 
 def attach(layers: nn.ModuleList, hooks: dict[int, list[AttentionHook]]) -> HookHandle:
