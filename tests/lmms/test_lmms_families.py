@@ -200,14 +200,21 @@ def qwen2_vl_reference(folder, items, policy) -> list[str]:
 def test_qwen2_vl_none_equals_builtin_and_himap_equals_direct_apply(env, evaluate, items):
     folder = save_qwen(env, "qwen2_vl")
     args = f"pretrained={folder},device_map=cpu,{as_model_args(QWEN_PIXELS)}"
-    ours, builtin = evaluate("himap_qwen2_vl", f"{args},policy=none"), evaluate("qwen2_vl", args)
-    assert generations(ours) == generations(builtin)
+    assert_simple_plugin(evaluate, "himap_qwen2_vl", "qwen2_vl", args,
+                         lambda policy: qwen2_vl_reference(folder, items, policy))
+
+
+def assert_simple_plugin(evaluate, name: str, builtin: str, args: str, reference) -> None:
+    """``name`` with ``policy=none`` == lmms-eval's ``builtin``; with HiMAP == ``reference(policy)`` (the same
+    answers with himap applied directly), and the answers see the pruning."""
+    ours, stock = evaluate(name, f"{args},policy=none"), evaluate(builtin, args)
+    assert generations(ours) == generations(stock)
     assert len(generations(ours)) == N_ITEMS and all(generations(ours))
     assert ours["throughput"]["avg_himap_flops_kept"] == 1.0
     params = dict(k1=2, r1=0.5, k2=4, r2=0.25)
-    pruned = evaluate("himap_qwen2_vl", f"{args},policy=himap,{as_model_args(params)}")
-    assert generations(pruned) == qwen2_vl_reference(folder, items, HiMAP(**params))
-    assert generations(pruned) != generations(ours)   # the answers see the pruning
+    pruned = evaluate(name, f"{args},policy=himap,{as_model_args(params)}")
+    assert generations(pruned) == reference(HiMAP(**params))
+    assert generations(pruned) != generations(ours)
     report = pruned["throughput"]
     assert report["avg_himap_prefills"] == report["avg_himap_pruned_prefills"] == N_ITEMS
     assert report["avg_himap_flops_kept"] < 1.0
@@ -266,18 +273,8 @@ def mistral3_reference(folder, items, policy) -> list[str]:
 
 def test_mistral3_none_equals_builtin_and_himap_equals_direct_apply(env, evaluate, items):
     folder = save_mistral3(env)
-    args = f"pretrained={folder},device_map=cpu"
-    ours, builtin = evaluate("himap_mistral3", f"{args},policy=none"), evaluate("mistral3_vl", args)
-    assert generations(ours) == generations(builtin)
-    assert len(generations(ours)) == N_ITEMS and all(generations(ours))
-    assert ours["throughput"]["avg_himap_flops_kept"] == 1.0
-    params = dict(k1=2, r1=0.5, k2=4, r2=0.25)
-    pruned = evaluate("himap_mistral3", f"{args},policy=himap,{as_model_args(params)}")
-    assert generations(pruned) == mistral3_reference(folder, items, HiMAP(**params))
-    assert generations(pruned) != generations(ours)   # the answers see the pruning
-    report = pruned["throughput"]
-    assert report["avg_himap_prefills"] == report["avg_himap_pruned_prefills"] == N_ITEMS
-    assert report["avg_himap_flops_kept"] < 1.0
+    assert_simple_plugin(evaluate, "himap_mistral3", "mistral3_vl", f"pretrained={folder},device_map=cpu",
+                         lambda policy: mistral3_reference(folder, items, policy))
 
 
 def test_mistral3_with_an_unsupported_decoder_stops_before_loading(env, evaluate):
@@ -321,11 +318,5 @@ def gemma3_reference(folder, items, policy) -> list[str]:
 
 def test_gemma3_none_equals_builtin_and_himap_equals_direct_apply(env, evaluate, items):
     folder = save_tiny(env, "gemma3")
-    args = f"pretrained={folder},device_map=cpu"
-    ours, builtin = evaluate("himap_gemma3", f"{args},policy=none"), evaluate("gemma3", args)
-    assert generations(ours) == generations(builtin)
-    assert len(generations(ours)) == N_ITEMS and all(generations(ours))
-    params = dict(k1=2, r1=0.5, k2=4, r2=0.25)
-    pruned = evaluate("himap_gemma3", f"{args},policy=himap,{as_model_args(params)}")
-    assert generations(pruned) == gemma3_reference(folder, items, HiMAP(**params))
-    assert pruned["throughput"]["avg_himap_pruned_prefills"] == N_ITEMS
+    assert_simple_plugin(evaluate, "himap_gemma3", "gemma3", f"pretrained={folder},device_map=cpu",
+                         lambda policy: gemma3_reference(folder, items, policy))
