@@ -62,6 +62,19 @@ def generate(model, inputs: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return out.sequences[:, inputs["input_ids"].shape[1]:], list(out.logits)
 
 
+def pruned_run(name: str, policy) -> tuple:
+    """One pruned sample (``families.SAMPLES[2]``): the model, its inputs, the visual mask, the prefill logits,
+    the ``STEPS`` generated tokens with each step's logits, and the kept positions per stage."""
+    model = families.model(name)
+    inputs = families.inputs(name, families.SAMPLES[2])
+    vis = visual(name, inputs)
+    with himap.apply(model, policy) as handle:
+        prefill = model(**inputs).logits[0]
+        tokens, logits = generate(model, inputs)
+        kept = kept_lists(handle.kept)
+    return model, inputs, vis, prefill, tokens, logits, kept
+
+
 def kept_lists(kept) -> list[list[torch.Tensor]]:
     """``handle.kept`` as per stage, per sample position tensors (entries may be (B, r) tensors or lists)."""
     return [[positions for positions in stage] for stage in kept]

@@ -12,7 +12,7 @@ import torch
 import families
 import himap
 from conftest import budget, masked_reference
-from family_checks import STEPS, generate, kept_lists, visual
+from family_checks import STEPS, kept_lists, pruned_run, visual
 from family_videos import image_and_video
 from himap import policies
 from himap.errors import UserError
@@ -147,13 +147,7 @@ def extend_embeds(model, family: str, embeds: dict, inputs: dict, tokens: torch.
 def assert_equals_fed_reference(family: str, policy, features_of) -> None:
     """One sample: prefill logits at the kept positions and 3 KV-cached decode steps == the stock model fed
     the merged features as inputs_embeds, the dropped image tokens masked as keys from layer 0."""
-    model = families.model(family)
-    inputs = families.inputs(family, families.SAMPLES[2])
-    vis = visual(family, inputs)
-    with himap.apply(model, policy) as handle:
-        prefill = model(**inputs).logits[0]
-        tokens, logits = generate(model, inputs)
-        kept = kept_lists(handle.kept)[0]
+    model, inputs, vis, prefill, tokens, logits, (kept,) = pruned_run(family, policy)
     features = features_of(model, inputs, vis)
     assert kept[0].tolist() == sorted(features[0])
     dropped = vis.clone()

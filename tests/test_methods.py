@@ -13,7 +13,7 @@ from transformers import DynamicCache
 import families
 import himap
 from conftest import drop_all_but, dropped_from_kept, head_mean_attention, masked_reference, top_positions
-from family_checks import STEPS, generate, kept_lists, visual
+from family_checks import STEPS, generate, kept_lists, pruned_run, visual
 from himap import policies
 from himap.errors import UserError
 from himap.models import decoder_layers, language_model
@@ -57,13 +57,7 @@ def test_pdrop_kept_sets_equal_brute_force(family):
 
 def assert_equals_masked_reference(family: str, policy, layers: list[int]) -> None:
     """Prefill logits at every position still present and 3 KV-cached decode steps == the masked reference."""
-    model = families.model(family)
-    inputs = families.inputs(family, families.SAMPLES[2])
-    vis = visual(family, inputs)
-    with himap.apply(model, policy) as handle:
-        prefill = model(**inputs).logits[0]
-        tokens, logits = generate(model, inputs)
-        kept = kept_lists(handle.kept)
+    model, inputs, vis, prefill, tokens, logits, kept = pruned_run(family, policy)
     n_img = int(vis.sum())
     assert [len(k[0]) for k in kept] == [stage.count(n_img) for stage in policy.stages]
     dropped = dropped_from_kept(vis, layers, kept)
