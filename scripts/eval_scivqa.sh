@@ -11,7 +11,8 @@
 # what the paper's HiMAP setting keeps on the model (144 of 576 on LLaVA-1.5, where HiMAP runs exactly 2/288/8/72).
 # MODEL_PATH must then be a local folder or config (BUDGET_MODEL=llava-1.5-13b names a preset instead).
 # DATA_DIR holds himap-inference-MCQ.json and images/test/<id>/image.png (make it with `himap data scienceqa`).
-# POLICIES (default "none himap fastv random"), OUT_DIR (default runs/scivqa).
+# POLICIES (default "none himap fastv random"; any method `himap budget` matches, e.g. "none himap dart divprune"),
+# OUT_DIR (default runs/scivqa).
 # Extra arguments go to every `himap eval` (e.g. --limit 100 --batch-size 8 --num-chunks 4 --chunk-idx 0).
 # Re-running resumes: finished questions are skipped.
 set -euo pipefail
@@ -42,9 +43,8 @@ dirs=()
 for policy in $POLICIES; do
     case "$policy" in
         none)   flags=(--policy none) ;;
-        himap|fastv|random)
-                read -r -a flags <<< "$("$PY" -m himap budget "${budget_model[@]}" "${target[@]}" --eval-flags "$policy")" ;;
-        *) echo "unknown policy '$policy' in POLICIES" >&2; exit 2 ;;
+        *)      given=$("$PY" -m himap budget "${budget_model[@]}" "${target[@]}" --eval-flags "$policy") || exit 2
+                read -r -a flags <<< "$given" ;;
     esac
     name=$([ "$policy" = none ] && echo vanilla || echo "$policy")
     echo "== $name ${flags[*]}" >&2
