@@ -130,19 +130,28 @@ class Family:
         return sorted({i for i in ids if i is not None})
 
 
-def _llava_processor() -> tf.ProcessorMixin:
+def _llava_processor(tower: str = "clip") -> tf.ProcessorMixin:
+    """LLaVA-1.5's processor: a CLIP tower ([CLS] + patches, "default" drops [CLS]) or a SigLIP one (patches only,
+    "full")."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    ip = CLIPImageProcessorPil(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24})
+    if tower == "clip":
+        ip = CLIPImageProcessorPil(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24})
+    else:
+        ip = SiglipImageProcessorPil(size={"height": 24, "width": 24})
+    strategy = "default" if tower == "clip" else "full"
     template = _template("<image>\n", "{role}: ", " ", "ASSISTANT:", system=SYSTEM + " ")
     tok = tokenizer({"image_token": "<image>"}, template.replace("{{ m['role'] }}", "{{ m['role'] | upper }}"))
-    return tf.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=4, vision_feature_select_strategy="default",
-                             num_additional_image_tokens=1, chat_template=tok.chat_template)
+    return tf.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=4, vision_feature_select_strategy=strategy,
+                             num_additional_image_tokens=int(tower == "clip"), chat_template=tok.chat_template)
 
 
-def _llava_config() -> tf.PretrainedConfig:
-    return tf.LlavaConfig(vision_config=_clip(24), text_config=tf.LlamaConfig(**_text("llama", 6)),
-                          image_token_id=_id("<image>"), pad_token_id=_id("<pad>"), vision_feature_layer=-2)
+def _llava_config(tower: str = "clip") -> tf.PretrainedConfig:
+    vision, strategy = (_clip(24), "default") if tower == "clip" else (_siglip(24), "full")
+    return tf.LlavaConfig(vision_config=vision, text_config=tf.LlamaConfig(**_text("llama", 6)),
+                          image_token_id=_id("<image>"), pad_token_id=_id("<pad>"), vision_feature_layer=-2,
+                          vision_feature_select_strategy=strategy)
 
 
 PINPOINTS = [[16, 32], [32, 16], [32, 32], [16, 48], [48, 16]]
@@ -319,6 +328,8 @@ def _mistral3_config() -> tf.PretrainedConfig:
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("llava", "LlavaForConditionalGeneration", _llava_config, _llava_processor, sizes=((24, 24),) * 3),
+    Family("llava+siglip", "LlavaForConditionalGeneration", functools.partial(_llava_config, "siglip"),
+           functools.partial(_llava_processor, "siglip"), sizes=((24, 24),) * 3),
     Family("llava_next", "LlavaNextForConditionalGeneration", _next_config, _next_processor,
            sizes=((16, 32), (32, 16), (30, 30))),
     Family("llava_onevision", "LlavaOnevisionForConditionalGeneration", _onevision_config, _onevision_processor,

@@ -226,22 +226,25 @@ def test_pool_remove_restores_stock():
 ZIP = policies.VisionZip(dominant=6, contextual=3)
 
 
-def zip_by_hand(model, inputs: dict, vis: torch.Tensor, dominant: int, contextual: int) -> list[dict]:
+def zip_by_hand(family: str, model, inputs: dict, vis: torch.Tensor, dominant: int, contextual: int) -> list[dict]:
     """VisionZip by the paper's description, per image: the tower's own eager attention maps and hidden states
     (``output_attentions``) at the layer whose output LLaVA projects (vision_feature_layer -2 of 2 layers: layer 0);
-    dominant = the patches with the highest [CLS] attention summed over heads; of the rest (in order) every
+    dominant = the patches with the highest [CLS] attention summed over heads (a SigLIP tower, without [CLS]: the
+    attention each patch receives, averaged over all queries, summed over heads); of the rest (in order) every
     (len // contextual)-th is a target; each other patch joins the target of highest key cosine similarity (keys
     of that layer, head mean); target feature = its own + the mean of its joiners, then the projector. Per
     sample: slot -> feature, dominant slots with the stock embedding."""
-    eager = families.model("llava", "eager")
+    eager = families.model(family, "eager")
     tower = eager.model.vision_tower
     out = tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
-    layer = tower.encoder.layers[0]
+    layer = getattr(tower, "vision_model", tower).encoder.layers[0]
+    first = int(family == "llava")                                                # [CLS] first in CLIP only
     heads = layer.self_attn.num_heads
     x = layer.layer_norm1(out.hidden_states[0])                                   # the layer's attention input
     keys = layer.self_attn.k_proj(x).view(*x.shape[:2], heads, -1).mean(2)        # (I, N, D) head mean
-    feats = out.hidden_states[1][:, 1:]                                           # (I, P, d_v) projected later
-    cls = out.attentions[0][:, :, 0, 1:].sum(1)                                   # (I, P)
+    feats = out.hidden_states[1][:, first:]                                       # (I, P, d_v) projected later
+    attn = out.attentions[0]                                                      # (I, H, N, N)
+    cls = attn[:, :, 0, 1:].sum(1) if first else attn.mean(2).sum(1)             # (I, P)
     stock, _ = layer_inputs(model, inputs, 0)
     result, image = [], 0
     for b in range(vis.shape[0]):
@@ -260,8 +263,9 @@ def zip_by_hand(model, inputs: dict, vis: torch.Tensor, dominant: int, contextua
             joined = {t: [] for t in targets}
             for p in rest:
                 if p not in targets:
-                    sims = {t: float(torch.nn.functional.cosine_similarity(keys[image, 1 + p], keys[image, 1 + t],
-                                                                         dim=0)) for t in targets}
+                    own = keys[image, first + p]
+                    sims = {t: float(torch.nn.functional.cosine_similarity(own, keys[image, first + t], dim=0))
+                            for t in targets}
                     joined[max(sims, key=sims.get)].append(p)
             for t in targets:
                 extra = sum(feats[image, p] for p in joined[t]) / len(joined[t]) if joined[t] else 0
@@ -271,12 +275,16 @@ def zip_by_hand(model, inputs: dict, vis: torch.Tensor, dominant: int, contextua
     return result
 
 
-def test_visionzip_kept_slots_and_features_equal_brute_force():
-    model = families.model("llava")
-    inputs = families.inputs("llava", families.SAMPLES)
-    vis = visual("llava", inputs)
+ZIP_FAMILIES = ["llava", "llava+siglip"]
+
+
+@pytest.mark.parametrize("family", ZIP_FAMILIES)
+def test_visionzip_kept_slots_and_features_equal_brute_force(family):
+    model = families.model(family)
+    inputs = families.inputs(family, families.SAMPLES)
+    vis = visual(family, inputs)
     kept, hidden = layer0_seen(model, inputs, ZIP)
-    expected = zip_by_hand(model, inputs, vis, ZIP.dominant, ZIP.contextual)
+    expected = zip_by_hand(family, model, inputs, vis, ZIP.dominant, ZIP.contextual)
     for b, sample in enumerate(expected):
         assert kept[b].tolist() == sorted(sample)
         slots = ~vis[b]
@@ -287,12 +295,14 @@ def test_visionzip_kept_slots_and_features_equal_brute_force():
             torch.testing.assert_close(rows[t], feature, atol=1e-5, rtol=0)
 
 
-def test_visionzip_equals_stock_fed_merged_embeds():
-    assert_equals_fed_reference("llava", ZIP, lambda model, inputs, vis: zip_by_hand(model, inputs, vis, 6, 3))
+@pytest.mark.parametrize("family", ZIP_FAMILIES)
+def test_visionzip_equals_stock_fed_merged_embeds(family):
+    assert_equals_fed_reference(family, ZIP, lambda model, inputs, vis: zip_by_hand(family, model, inputs, vis, 6, 3))
 
 
-def test_visionzip_ragged_batch_equals_each_alone():
-    assert_batch_equals_alone("llava", ZIP)
+@pytest.mark.parametrize("family", ZIP_FAMILIES)
+def test_visionzip_ragged_batch_equals_each_alone(family):
+    assert_batch_equals_alone(family, ZIP)
 
 
 def test_visionzip_settings_and_refusals():
@@ -303,7 +313,7 @@ def test_visionzip_settings_and_refusals():
         with pytest.raises(UserError):
             policies.from_params("visionzip", bad, n_layers=32)
     for family in ("gemma3", "qwen2_vl", "llava_next"):
-        with pytest.raises(UserError, match="VisionZip needs a \\[CLS\\] token") as err:
+        with pytest.raises(UserError, match="VisionZip needs image tokens that are the tower's patches") as err:
             himap.apply(families.model(family), ZIP)
         assert "\n" not in str(err.value) and himap.engine.active(families.model(family)) is None
 

@@ -251,17 +251,22 @@ class VisionZipStage(MergeStage):
 
 
 class _ZipMerger(Merger):
-    """Reads the CLIP tower's layer whose output LLaVA projects: its input (for the [CLS] attention and the keys)
-    and its output (the features), on every prefill with images."""
+    """Reads the tower's layer whose output LLaVA projects: its input (for the attention and the keys) and its
+    output (the features), on every prefill with images. A CLIP tower ranks by its [CLS] token's attention; a
+    SigLIP tower, which has none, by the mean attention each patch receives from all tokens."""
+
+    TOWERS = {("clip_vision_model", "default"): True, ("siglip_vision_model", "full"): False}   # -> has [CLS]
 
     def __init__(self, stage: VisionZipStage, model: nn.Module):
         super().__init__()
         config, family = model.config, family_of(model).name
         vision, strategy = config.vision_config, getattr(config, "vision_feature_select_strategy", None)
         tower = getattr(vision, "model_type", None)
-        if family != "LLaVA-1.5" or tower != "clip_vision_model" or strategy != "default":
-            raise UserError(f"VisionZip needs a [CLS] token and image tokens that are the tower's patches, one each "
-                            f"(LLaVA-1.5 with a CLIP tower); not supported on {family} ({tower}, {strategy!r})")
+        if family != "LLaVA-1.5" or (tower, strategy) not in self.TOWERS:
+            raise UserError(f"VisionZip needs image tokens that are the tower's patches, one each (LLaVA-1.5 with a "
+                            f"CLIP tower, or a SigLIP one with vision_feature_select_strategy 'full'); not supported "
+                            f"on {family} ({tower}, {strategy!r})")
+        self.cls = self.TOWERS[tower, strategy]
         selected = config.vision_feature_layer
         n_layers = vision.num_hidden_layers
         index = selected + n_layers + 1 if isinstance(selected, int) and selected < 0 else selected
@@ -293,7 +298,7 @@ class _ZipMerger(Merger):
                 raise UserError(f"sample {b} has {len(positions)} image tokens, not whole images of "
                                 f"{self.n_patches} patches")
             for slots in positions.view(-1, self.n_patches):
-                dominant, targets, merged = self.zip_one(cls_attention[image], keys[image], out[image, 1:])
+                dominant, targets, merged = self.zip_one(cls_attention[image], keys[image], out[image, int(self.cls):])
                 hidden[b, slots[targets]] = self.projector(merged).to(hidden.dtype)
                 votes[b, slots[torch.cat([dominant, targets])]] = 1.0
                 image += 1
@@ -301,14 +306,17 @@ class _ZipMerger(Merger):
         return Merged(votes, hidden, counts)
 
     def _cls_attention_and_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The [CLS] query's attention over the patches, summed over heads, and the keys averaged over heads."""
+        """Each patch's score, summed over heads: the [CLS] query's attention to it, or (no [CLS]) the mean over
+        all queries of the attention it receives; and the patches' keys averaged over heads."""
         attn = self.layer.self_attn
         normed = self.layer.layer_norm1(x)                                          # (I, N, d_v)
         shape = (x.shape[0], x.shape[1], attn.num_heads, attn.head_dim)
         keys = attn.k_proj(normed).view(shape).transpose(1, 2)                      # (I, H, N, D)
-        query = attn.q_proj(normed[:, :1]).view(x.shape[0], 1, *shape[2:]).transpose(1, 2)   # (I, H, 1, D)
-        probs = (query @ keys.transpose(-1, -2) * attn.scale).softmax(-1)          # (I, H, 1, N)
-        return probs[:, :, 0, 1:].sum(1), keys.mean(1)[:, 1:]
+        rows = normed[:, :1] if self.cls else normed
+        query = attn.q_proj(rows).view(x.shape[0], rows.shape[1], *shape[2:]).transpose(1, 2)   # (I, H, Q, D)
+        probs = (query @ keys.transpose(-1, -2) * attn.scale).softmax(-1)          # (I, H, Q, N)
+        first = int(self.cls)                                                       # patches after [CLS]
+        return probs.mean(2)[:, :, first:].sum(1), keys.mean(1)[:, first:]
 
     def zip_one(self, cls_attention: torch.Tensor, keys: torch.Tensor, features: torch.Tensor):
         """One image of P patches: the dominant patches, the contextual targets (patch indices) and the targets'

@@ -307,14 +307,17 @@ class VisionZip:
     target whose key (k_proj, averaged over heads) is most cosine-similar to its own; a target's feature becomes its
     own plus the mean of the patches that joined it (as the original code adds them), projected by LLaVA's
     projector and written into the target's slot. The published LLaVA-1.5 setting is 54 + 10 = 64 tokens per image
-    (108 + 20 = 128, 162 + 30 = 192); ``himap budget`` keeps that 54 : 10 split. LLaVA-1.5 with a CLIP tower only
-    (a [CLS] token and one image token per patch through a per-token projector); other families are refused.
+    (108 + 20 = 128, 162 + 30 = 192); ``himap budget`` keeps that 54 : 10 split. LLaVA-1.5 with a CLIP tower (a
+    [CLS] token, one image token per patch through a per-token projector) or a SigLIP tower (no [CLS]; every patch
+    is an image token, ``vision_feature_select_strategy="full"``); other families are refused.
 
     Deviations: the original keeps the [CLS] token itself as one of its ``dominant`` tokens (53 patches + [CLS] for
     54); llava-hf's LLaVA-1.5 has no image slot for [CLS], so here all ``dominant`` tokens are patches. Kept tokens
     keep their original positions (dominant ones their patch's, contextual ones their target's; the original puts
     the dominant tokens, then the contextual ones, in a new contiguous block). An image with fewer patches than
-    ``dominant + contextual`` keeps them all (dominant first); the original fails there."""
+    ``dominant + contextual`` keeps them all (dominant first); the original fails there. A SigLIP tower is an
+    extension (the original code covers CLIP only): with no [CLS] query, a patch's score is the mean over all the
+    tower's tokens of the attention it receives (summed over heads)."""
 
     name: ClassVar[str] = "visionzip"
     dominant: int = 54
