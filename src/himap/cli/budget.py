@@ -99,10 +99,10 @@ def run(args: argparse.Namespace) -> int:
             f"{target['tokens']:.2f} image tokens per layer on average")
     print(f"{n_layers} decoder layers, {n_img} image tokens, {args.text_tokens} non-image tokens; target: {goal}")
     settings = {name: " ".join(eval_flags(m.policy)[2:]) for name, m in solved.items()}
-    wide = max(40, *map(len, settings.values()))
-    print(f"{'method':<8} {'settings':<{wide}} {'avg tokens/layer':>16} {'of image':>9} {'FLOPs kept':>10}")
+    wide, name_w = max(40, *map(len, settings.values())), max(6, *map(len, settings))
+    print(f"{'method':<{name_w}} {'settings':<{wide}} {'avg tokens/layer':>16} {'of image':>9} {'FLOPs kept':>10}")
     for name, m in solved.items():
-        print(f"{name:<8} {settings[name]:<{wide}} {m.avg_tokens:>16.2f} {m.avg_tokens / n_img:>9.1%} "
+        print(f"{name:<{name_w}} {settings[name]:<{wide}} {m.avg_tokens:>16.2f} {m.avg_tokens / n_img:>9.1%} "
               f"{m.flops_kept:>10.1%}")
     for line in unreachable:
         print(f"not solved: {line}")
