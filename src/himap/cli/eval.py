@@ -99,12 +99,17 @@ def run_table(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    import json
+
     from ..experiments.source import demo_files
+    from ..policies import POLICIES, from_params
 
     demo = demo_files(args.cache_dir)
     print(f"model_dir:     {demo.model_dir}\nquestion_file: {demo.question_file}\nimage_folder:  {demo.image_folder}")
-    print("default policies (the paper's settings scaled to the demo; budgets are fractions of its image tokens;"
+    print("default policies (the published settings scaled to the demo; budgets are fractions of its image tokens;"
           " 'himap budget' matches them):")
-    for name, policy in demo.policies.items():
+    n_layers = json.loads((demo.model_dir / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    for name in POLICIES:
+        policy = demo.policies.get(name) or from_params(name, n_layers=n_layers)
         print(f"  {name + ':':<12} {policy}")
     return 0
