@@ -22,13 +22,13 @@ from test_methods import assert_batch_equals_alone, layer_inputs
 pytestmark = pytest.mark.usefixtures("no_grad")
 
 POOL = policies.AvgPool(r=0.25)
-POOLED = ["llava", "gemma3", "internvl", "mistral3", "qwen2_vl"]
+POOLED = ["llava", "llava+siglip", "gemma3", "internvl", "mistral3", "qwen2_vl", "qwen3_vl"]
 
 
 def grids_by_hand(family: str, inputs: dict, vis: torch.Tensor) -> list[list[tuple[list[int], int, int]]]:
     """Per sample, each image's (positions row-major, rows, cols), from each family's layout: LLaVA-1.5 a 6 x 6
     patch grid per image (24 px / 4 px patches), Gemma 3 4 x 4 soft tokens, InternVL 3 x 3 tokens per tile,
-    Mistral 3 rows of [IMG] ending at [IMG_BREAK], images at [IMG_END], Qwen2-VL image_grid_thw / 2."""
+    Mistral 3 rows of [IMG] ending at [IMG_BREAK], images at [IMG_END], Qwen2-VL and Qwen3-VL image_grid_thw / 2."""
     ids = inputs["input_ids"]
     out = []
     for b in range(ids.shape[0]):
@@ -36,7 +36,7 @@ def grids_by_hand(family: str, inputs: dict, vis: torch.Tensor) -> list[list[tup
         if family == "mistral3":
             out.append(_mistral_grids(ids[b].tolist()))
             continue
-        if family == "qwen2_vl":
+        if family in ("qwen2_vl", "qwen3_vl"):
             shapes = [(h // 2, w // 2) for _, h, w in inputs["image_grid_thw"].tolist()]
             before = int(vis[:b].sum())
             seen = 0
@@ -45,7 +45,7 @@ def grids_by_hand(family: str, inputs: dict, vis: torch.Tensor) -> list[list[tup
                 seen += 1
             shapes = shapes[seen:]
         else:
-            side = {"llava": 6, "gemma3": 4, "internvl": 3}[family]
+            side = {"llava": 6, "llava+siglip": 6, "gemma3": 4, "internvl": 3}[family]
             shapes = [(side, side)] * (len(pos) // side ** 2)
         sample, start = [], 0
         for h, w in shapes:
@@ -176,7 +176,53 @@ def test_pool_equals_stock_fed_pooled_embeds(family):
     assert_equals_fed_reference(family, POOL, pool_features(family))
 
 
-@pytest.mark.parametrize("family", ["llava", "mistral3", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_pool_equals_stock_with_pooled_tower_outputs(family):
+    """Qwen-VL: the pruned run == the stock model whose vision tower outputs (the merged embeddings and, for
+    Qwen3-VL, every deepstack level) carry each window's mean at its top-left row, pooled by hand, with the
+    dropped image tokens masked as keys from layer 0; prefill at the kept positions and 3 cached decode steps.
+    The stock model computes its own 3-D positions from the same pixels."""
+    model, inputs, vis, prefill, tokens, logits, (kept,) = pruned_run(family, POOL)
+    grids = [[(list(range(start, start + h * w)), h, w) for start, h, w in _tower_rows(inputs)]]
+
+    def pooled(rows: torch.Tensor) -> torch.Tensor:
+        out = rows.clone()
+        for t, feature in pool_by_hand(rows, grids[0], POOL.r).items():
+            out[t] = feature
+        return out
+
+    def by_hand(module, args, output):
+        output.pooler_output = pooled(output.pooler_output)
+        if getattr(output, "deepstack_features", None) is not None:
+            output.deepstack_features = [pooled(level) for level in output.deepstack_features]
+
+    dropped = vis.clone()
+    dropped[0, kept[0]] = False
+    hook = inputs_module(model).visual.register_forward_hook(by_hand)
+    try:
+        ref = masked_reference(model, inputs, {0: dropped}).logits[0]
+        torch.testing.assert_close(prefill, ref[~dropped[0]], atol=1e-5, rtol=0)
+        for step in range(STEPS):
+            ext = families.extend(family, inputs, tokens[:, :step])
+            torch.testing.assert_close(logits[step], masked_reference(model, ext, {0: dropped}).logits[:, -1],
+                                       atol=1e-5, rtol=0)
+    finally:
+        hook.remove()
+    plain = masked_reference(model, inputs, {0: dropped}).logits[0]
+    assert not torch.allclose(prefill, plain[~dropped[0]], atol=1e-3), "the pooled features changed nothing"
+
+
+def _tower_rows(inputs: dict) -> list[tuple[int, int, int]]:
+    """(first row, rows, cols) of each image's merged grid in the tower's output (image_grid_thw / 2)."""
+    out, start = [], 0
+    for t, h, w in inputs["image_grid_thw"].tolist():
+        assert t == 1
+        out.append((start, h // 2, w // 2))
+        start += h * w // 4
+    return out
+
+
+@pytest.mark.parametrize("family", ["llava", "mistral3", "qwen2_vl", "qwen3_vl"])
 def test_pool_ragged_batch_equals_each_alone(family):
     assert_batch_equals_alone(family, POOL)
 
@@ -195,8 +241,7 @@ def test_pool_counts_and_settings():
         policies.from_params("pool", {"r": 600}, n_layers=32, n_img=576)
 
 
-@pytest.mark.parametrize("family,why", [("llava_next", "LLaVA-NeXT"), ("llava_onevision", "LLaVA-OneVision"),
-                                        ("qwen3_vl", "Qwen3-VL")])
+@pytest.mark.parametrize("family,why", [("llava_next", "LLaVA-NeXT"), ("llava_onevision", "LLaVA-OneVision")])
 def test_pool_refuses_families_without_an_exact_grid(family, why):
     model = families.model(family)
     hooks_before = len(inputs_module(model)._forward_pre_hooks)

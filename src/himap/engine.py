@@ -142,7 +142,7 @@ class Pruner:
             *(layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True)
               for i in range(first, len(layers))),
         ]
-        patch = follow_kept_slots(model, self._running_slots)
+        patch = follow_kept_slots(model, self._running_slots, self._merged_deepstack if self._mergers else None)
         if patch is not None:
             self._handles.append(patch)
 
@@ -166,6 +166,12 @@ class Pruner:
             return None
         seq = ep.seqs[ep.current]
         return seq.index, seq.valid
+
+    def _merged_deepstack(self, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor) -> torch.Tensor:
+        """Deepstack features (n_visual, d) as the merge stages want them at their kept slots."""
+        for merger in self._mergers.values():
+            visual_embeds = merger.deepstack(visual_pos_masks, visual_embeds)
+        return visual_embeds
 
     @property
     def kept(self) -> tuple:

@@ -59,6 +59,11 @@ class Merger:
     def merge(self, inputs: SelectInputs) -> Merged:
         raise NotImplementedError
 
+    def deepstack(self, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor) -> torch.Tensor:
+        """Qwen3-VL's deepstack features of one level, (n_visual, d) in the order of ``visual_pos_masks`` (B, N),
+        as the last merge wants them at its kept slots (unchanged by default)."""
+        return visual_embeds
+
 
 @dataclass(frozen=True)
 class MergeStage(SelectStage):
@@ -119,14 +124,13 @@ def image_grids(model: nn.Module, what: str) -> GridRule:
     if family == "Mistral 3":                  # the Pixtral tower's image_sizes (pixels), patches merged 2 x 2
         step = config.vision_config.patch_size * config.spatial_merge_size
         return GridRule(sizes=lambda kw: [(h // step, w // step) for h, w in _rows(kw, "image_sizes")])
-    if family in ("Qwen2-VL", "Qwen2.5-VL"):   # the tower's grid_thw (patches), merged m x m, t frames
+    if family in ("Qwen2-VL", "Qwen2.5-VL", "Qwen3-VL"):   # the tower's grid_thw (patches), merged m x m, t frames
         m = config.vision_config.spatial_merge_size
         return GridRule(sizes=lambda kw: [(h // m, w // m) for t, h, w in _rows(kw, "grid_thw") for _ in range(t)])
     why = {"LLaVA-NeXT": "any-resolution tiles, unpadded, with newline tokens",
-           "LLaVA-OneVision": "any-resolution tiles, unpadded, with newline tokens",
-           "Qwen3-VL": "its deepstack features would need merging too"}.get(family, "its layout")
+           "LLaVA-OneVision": "any-resolution tiles, unpadded, with newline tokens"}.get(family, "its layout")
     raise UserError(f"{what} is not supported on {family} ({why}); it supports LLaVA-1.5, Qwen2-VL, "
-                    f"Qwen2.5-VL, InternVL, Gemma 3 and Mistral 3")
+                    f"Qwen2.5-VL, Qwen3-VL, InternVL, Gemma 3 and Mistral 3")
 
 
 _NO_TOWER = ("{} reads the vision tower as it encodes the images of the same forward; it cannot take image "
@@ -181,6 +185,7 @@ class _PoolMerger(Merger):
         self.video_ids = [i for i in visual_token_ids(model) if i != model.config.image_token_id]
         self.ids: torch.Tensor | None = None
         self.tower: dict = {}
+        self.windows: list[tuple[int, torch.Tensor, tuple[int, int]]] = []   # (sample, grid positions, pooled shape)
 
     def hooks(self) -> list:
         def ids(module, args, kwargs):
@@ -203,17 +208,28 @@ class _PoolMerger(Merger):
         n_img = inputs.is_img.sum(1).tolist()
         grids = self.rule.grids(tower, n_img)
         votes = torch.zeros(inputs.is_img.shape, device=inputs.hidden.device)
-        hidden, counts = inputs.hidden.clone(), []
+        hidden, counts, self.windows = inputs.hidden.clone(), [], []
         for b, sample in enumerate(grids):
             positions, start, kept = inputs.is_img[b].nonzero()[:, 0], 0, 0
             scale = self.stage.scale(n_img[b]) if sample else 1.0
             for h, w in sample:
-                grid = positions[start:start + h * w].view(h, w)
-                slots, features = pool_grid(inputs.hidden[b], grid, self.stage.out_grid(h, w, scale))
+                grid, out = positions[start:start + h * w].view(h, w), self.stage.out_grid(h, w, scale)
+                slots, features = pool_grid(inputs.hidden[b], grid, out)
                 hidden[b, slots], votes[b, slots] = features, 1.0
+                self.windows.append((b, grid, out))
                 start, kept = start + h * w, kept + len(slots)
             counts.append(kept)
         return Merged(votes, hidden, counts)
+
+    def deepstack(self, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor) -> torch.Tensor:
+        """Each kept slot's deepstack feature is its window's mean too (the same windows as the embeddings)."""
+        masks = visual_pos_masks.to(visual_embeds.device)                           # (B, N)
+        row = (masks.flatten().long().cumsum(0) - 1).view_as(masks)                 # row of each position
+        pooled = visual_embeds.clone()
+        for b, grid, out in self.windows:
+            slots, features = pool_grid(visual_embeds, row[b][grid.to(row.device)], out)
+            pooled[slots] = features
+        return pooled
 
 
 def pool_grid(hidden: torch.Tensor, grid: torch.Tensor, out: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -118,11 +118,12 @@ def visual_token_ids(config) -> tuple[int, ...]:
 Slots = Callable[[], "tuple[torch.Tensor, torch.Tensor | None] | None"]
 
 
-def follow_kept_slots(model: nn.Module, slots: Slots):
+def follow_kept_slots(model: nn.Module, slots: Slots, edit: Callable | None = None):
     """For a family with a per-layer input tied to positions, a removable patch that makes it follow the pruned
     slots (``slots()`` gives the (B, M) original positions and the filler mask of the layer that just ran, or None
-    before pruning); None for the other families."""
-    return _Deepstack(language_model(model), slots) if family_of(model).deepstack else None
+    before pruning; ``edit(visual_pos_masks, features)`` first rewrites the features, as a merge wants them);
+    None for the other families."""
+    return _Deepstack(language_model(model), slots, edit) if family_of(model).deepstack else None
 
 
 class _Deepstack:
@@ -130,12 +131,14 @@ class _Deepstack:
     (``_deepstack_process``, after each of those layers). Once a stage has pruned, the positions and the features
     must be those of the kept slots: this wraps the method on the decoder instance until removed."""
 
-    def __init__(self, lm: nn.Module, slots: Slots):
-        self.lm, self.slots, self.stock = lm, slots, lm._deepstack_process
+    def __init__(self, lm: nn.Module, slots: Slots, edit: Callable | None):
+        self.lm, self.slots, self.edit, self.stock = lm, slots, edit, lm._deepstack_process
         lm._deepstack_process = self
 
     def __call__(self, hidden: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor):
         slots = self.slots()
+        if slots is not None and self.edit is not None:
+            visual_embeds = self.edit(visual_pos_masks, visual_embeds)
         if slots is not None:
             index, valid = slots                                                  # (B, M) each
             masks = visual_pos_masks.to(index.device)                             # (B, N) bool

@@ -271,8 +271,9 @@ class AvgPool:
     """Average pooling before the decoder, the pooling baseline of token-reduction papers (e.g. Cai et al.,
     "Matryoshka Multimodal Models", ICLR 2025, which average-pools LLaVA-1.5's 24 x 24 grid to 12 x 12, 6 x 6,
     ...). Each image's token grid, h x w (per family, :mod:`himap.merging`:
-    LLaVA-1.5, Gemma 3, InternVL tiles, Mistral 3 and Qwen2/2.5-VL images), is average-pooled on the features
-    entering the decoder (the projected image features) to h' x w' = max(1, round(h s)) x max(1, round(w s)),
+    LLaVA-1.5, Gemma 3, InternVL tiles, Mistral 3 and Qwen2/2.5/3-VL images), is average-pooled on the features
+    entering the decoder (the projected image features; on Qwen3-VL each deepstack level's features too, with the
+    same windows) to h' x w' = max(1, round(h s)) x max(1, round(w s)),
     s = sqrt(r / n_img) (``r`` a count, or a fraction of the sample's image tokens), with torch's
     ``adaptive_avg_pool2d`` windows: rows floor(i h / h') to ceil((i + 1) h / h'), columns alike. ``r = 64`` on
     LLaVA-1.5's 24 x 24 grid is 8 x 8 windows of 3 x 3; a fraction 1/4 is 12 x 12. The sample keeps the sum of
