@@ -91,7 +91,7 @@ RULES: dict[str, Rule] = {
     "pool": Rule("r"),                                    # before the decoder: T = the pooled count
     "visionzip": Rule("dominant", knobs={"ratio": VISIONZIP_CONTEXTUAL_PER_DOMINANT},
                       tied=lambda d, s: {"contextual": round(d * s["ratio"])}),   # before the decoder: T = d + c
-    "dart": Rule("r", ("k", "pivots_image", "pivots_text"), top=lambda n_img, s: _dart_top(n_img, s)),
+    "dart": Rule("r", ("k", "pivots_image", "pivots_text"), top=_dart_top),
 }
 METHODS = tuple(m for m in RULES if m in POLICIES)      # every registered policy that has a rule
 
