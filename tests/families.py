@@ -319,11 +319,20 @@ def _mistral3_processor() -> PixtralLikeProcessor:
     return PixtralLikeProcessor(ip, tokenizer({"image_token": "[IMG]"}, template), patch=4, merge=2)
 
 
-def _mistral3_config() -> tf.PretrainedConfig:
+def _mistral3_config(decoder: str = "mistral") -> tf.PretrainedConfig:
+    """Mistral 3 with a Mistral decoder, or a Ministral 3 one: its queries are scaled by 1 + beta log(1 +
+    floor(position / original_max_position_embeddings)), here every 8 positions, so that the scale depends on
+    where each kept token really is."""
     vision = tf.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                     head_dim=16, image_size=64, patch_size=4)
-    return tf.Mistral3Config(vision_config=vision, text_config=tf.MistralConfig(**_text("mistral", 6)),
-                             image_token_index=_id("[IMG]"), spatial_merge_size=2, vision_feature_layer=-1)
+    if decoder == "mistral":
+        text = tf.MistralConfig(**_text("mistral", 6))
+    else:
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 8,
+                "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5}
+        text = tf.Ministral3Config(**_text("ministral3", 6), rope_parameters=rope)
+    return tf.Mistral3Config(vision_config=vision, text_config=text, image_token_index=_id("[IMG]"),
+                             spatial_merge_size=2, vision_feature_layer=-1)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
@@ -348,6 +357,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            decode_kwargs=("token_type_ids",), sizes=((32, 32),) * 3),
     Family("mistral3", "Mistral3ForConditionalGeneration", _mistral3_config, _mistral3_processor,
            sizes=((40, 56), (48, 32), (24, 32))),
+    Family("mistral3+ministral3", "Mistral3ForConditionalGeneration", functools.partial(_mistral3_config, "ministral3"),
+           _mistral3_processor, sizes=((40, 56), (48, 32), (24, 32))),
 ]}
 
 

@@ -56,7 +56,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("InternVL", ("internvl",), ("InternVLForConditionalGeneration",), (*LLAMA_LIKE, "qwen3")),
     Family("Gemma 3", ("gemma3",), ("Gemma3ForConditionalGeneration",), ("gemma3_text",),
            masks="sliding-window and full, bidirectional inside each image"),
-    Family("Mistral 3", ("mistral3",), ("Mistral3ForConditionalGeneration",), ("mistral", "ministral")),
+    Family("Mistral 3", ("mistral3",), ("Mistral3ForConditionalGeneration",), ("mistral", "ministral", "ministral3")),
 )
 
 

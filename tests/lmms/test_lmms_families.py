@@ -278,17 +278,17 @@ def test_mistral3_none_equals_builtin_and_himap_equals_direct_apply(env, evaluat
 
 
 def test_mistral3_with_an_unsupported_decoder_stops_before_loading(env, evaluate):
-    """A Mistral 3 config with a ``ministral3`` decoder and no weights: one line naming the decoder type (loading
+    """A Mistral 3 config with a ``llama`` decoder and no weights: one line naming the decoder type (loading
     would fail on the missing weights instead)."""
     import transformers
 
-    folder = env / "ministral3"
-    text = dict(model_type="ministral3", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    folder = env / "mistral3-llama"
+    text = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     transformers.Mistral3Config(text_config=text).save_pretrained(folder)
     with pytest.raises(ValueError) as err:
         evaluate("himap_mistral3", f"pretrained={folder},device_map=cpu,policy=himap")
-    assert "unsupported language model type 'ministral3'" in str(err.value) and "\n" not in str(err.value)
+    assert "unsupported language model type 'llama'" in str(err.value) and "\n" not in str(err.value)
 
 
 # -- Gemma 3: lmms-eval's gemma3 (simple) ------------------------------------------------------------------------

@@ -142,7 +142,7 @@ class HimapModel:
         if getattr(config, "model_type", None) not in self.model_types:
             raise UserError(f"{self.model_id} needs a {self.checkpoint} checkpoint; {pretrained} has model_type "
                             f"{getattr(config, 'model_type', None)!r}")
-        family_of(config)   # its decoder type too (e.g. a Mistral 3 with a ministral3 decoder), before any weight
+        family_of(config)   # its decoder type too (e.g. a Mistral 3 with a llama decoder), before any weight
         self.himap_policy = policy_from_args(policy, params, n_layers=config.text_config.num_hidden_layers,
                                              n_img=image_tokens_for(config))
         if kwargs.get("device_map", "") == "":
@@ -305,12 +305,11 @@ class HimapQwen2_VL(HimapModel, Qwen2_VL):
 
 class HimapMistral3(HimapModel, Mistral3_VL):
     """``himap_mistral3``: lmms-eval's ``mistral3_vl`` (simple; ``Mistral3ForConditionalGeneration`` with its
-    ``PixtralProcessor``, bfloat16 on CUDA, one request per ``generate``) with himap's model_args. The default is
-    a checkpoint with a ``mistral`` decoder: lmms-eval's default, Ministral 3, has ``transformers``' ``ministral3``
-    decoder, which the engine does not support (refused before loading)."""
+    ``PixtralProcessor``, bfloat16 on CUDA, one request per ``generate``) with himap's model_args; Mistral,
+    Ministral and Ministral 3 decoders (lmms-eval's default checkpoint is a Ministral 3)."""
 
     model_id, model_types, checkpoint = "himap_mistral3", ("mistral3",), "Mistral 3"
 
-    def __init__(self, pretrained: str = "mistralai/Mistral-Small-3.1-24B-Instruct-2503", policy: str = "none",
+    def __init__(self, pretrained: str = "mistralai/Ministral-3-8B-Base-2512", policy: str = "none",
                  **kwargs) -> None:
         super().__init__(pretrained, policy, **kwargs)
