@@ -172,9 +172,8 @@ def test_a_flops_target_is_solved_for_the_prompts_length(demo, demo_model, tmp_p
 
 def test_fixed_settings_reach_the_plan(demo, demo_model, tmp_path):
     """--fix holds a method's setting at another value; the free budget is still solved for the target."""
-    text = demo_model[0].config.text_config
     cfg = _config(demo, tmp_path, fix=("fastv.k=3", "himap.k2=5"))
-    planned = plan(cfg, text, 144, None)
+    planned = plan(cfg, demo_model[0].config, 144, None)
     cells = {c["cell"]: c["policy"] for c in planned["cells"]}
     fastv, himap = cells["fastv-T72"], cells["himap-T72"]
     assert fastv["k"] == 3 and himap["k2"] == 5
@@ -194,3 +193,21 @@ def test_a_method_with_list_settings_resumes(demo, demo_model, tmp_path):
     predictions = (tmp_path / "cells" / "pdrop-T72" / "predictions.jsonl").read_bytes()
     assert _comparable(sweep(cfg, *demo_model)) == _comparable(first)
     assert (tmp_path / "cells" / "pdrop-T72" / "predictions.jsonl").read_bytes() == predictions
+
+
+def test_default_methods_a_family_does_not_define_are_listed_not_run(demo, tmp_path):
+    """On Gemma 3 VisionZip is not defined (no one-to-one tower patches): a default sweep lists it under
+    "unsupported" with the one-line reason and plans no cell for it, every other method keeps its cells; asked for
+    by name, it is that one line."""
+    import families
+    from himap.budget import METHODS as ALL
+
+    config = families.FAMILIES["gemma3"].config()
+    planned = plan(_config(demo, tmp_path, methods=ALL, tokens=(8.0,)), config, 16, None)
+    assert [u["method"] for u in planned["unsupported"]] == ["visionzip"]
+    assert "VisionZip needs image tokens that are the tower's patches" in planned["unsupported"][0]["reason"]
+    planned_methods = {c["method"] for c in planned["cells"]}
+    assert "visionzip" not in planned_methods and {"himap", "pool", "dart"} <= planned_methods
+    with pytest.raises(UserError, match="not supported on Gemma 3") as err:
+        plan(_config(demo, tmp_path, methods=("himap", "visionzip"), tokens=(8.0,)), config, 16, None)
+    assert "\n" not in str(err.value)

@@ -69,8 +69,20 @@ class Merger:
 class MergeStage(SelectStage):
     """A stage before the decoder whose kept visual slots carry merged features (see the module docstring)."""
 
+    def check(self, config) -> None:
+        """One :class:`UserError` line if the rule is not defined on a model of this config."""
+        raise NotImplementedError
+
     def merger(self, model: nn.Module) -> Merger:
         raise NotImplementedError
+
+
+def check_model(policy, config) -> None:
+    """One :class:`UserError` line if a stage of ``policy`` (None: no pruning) is not defined on a model of
+    ``config`` (the merge stages; every other stage runs on every supported family)."""
+    for stage in getattr(policy, "stages", ()):
+        if isinstance(stage, MergeStage):
+            stage.check(config)
 
 
 # -- image grids ---------------------------------------------------------------------------------------------------
@@ -104,11 +116,10 @@ class GridRule:
         return out
 
 
-def image_grids(model: nn.Module, what: str) -> GridRule:
-    """The :class:`GridRule` of ``model``'s family; one error line for a family whose grids are not known exactly
-    (``what`` names the method)."""
-    config = model.config
-    family = family_of(model).name
+def image_grids(config, what: str) -> GridRule:
+    """The :class:`GridRule` of the family of a model of ``config``; one error line for a family whose grids are
+    not known exactly (``what`` names the method)."""
+    family = family_of(config).name
     if family == "LLaVA-1.5":
         vision = config.vision_config
         tower = getattr(vision, "model_type", None)
@@ -173,6 +184,9 @@ class PoolStage(MergeStage):
         side = round(super().count(n_img) ** 0.5)
         return max(1, min(n_img, side * side))
 
+    def check(self, config) -> None:
+        image_grids(config, "average pooling")
+
     def merger(self, model: nn.Module) -> Merger:
         return _PoolMerger(self, model)
 
@@ -181,7 +195,7 @@ class _PoolMerger(Merger):
     def __init__(self, stage: PoolStage, model: nn.Module):
         super().__init__()
         self.stage, self.model = stage, model
-        self.rule = image_grids(model, "average pooling")
+        self.rule = image_grids(model.config, "average pooling")
         self.video_ids = [i for i in visual_token_ids(model) if i != model.config.image_token_id]
         self.ids: torch.Tensor | None = None
         self.tower: dict = {}
@@ -262,6 +276,9 @@ class VisionZipStage(MergeStage):
         """Tokens kept of one image of ``n_img`` patches; a sample keeps this per image (from the merge)."""
         return sum(self.split(n_img))
 
+    def check(self, config) -> None:
+        _ZipMerger.tower_layer(config)
+
     def merger(self, model: nn.Module) -> Merger:
         return _ZipMerger(self, model)
 
@@ -275,24 +292,31 @@ class _ZipMerger(Merger):
 
     def __init__(self, stage: VisionZipStage, model: nn.Module):
         super().__init__()
-        config, family = model.config, family_of(model).name
+        index, self.cls = self.tower_layer(model.config)
+        vision = model.config.vision_config
+        self.stage, self.n_patches = stage, (vision.image_size // vision.patch_size) ** 2
+        self.layer = getattr(vision_tower(model), "vision_model", vision_tower(model)).encoder.layers[index - 1]
+        self.projector = inputs_module(model).multi_modal_projector
+        self.seen: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def tower_layer(cls, config) -> tuple[int, bool]:
+        """(the 1-based tower layer whose output is projected, whether the tower has [CLS]) of a model of
+        ``config``; one error line where VisionZip is not defined."""
+        family = family_of(config).name
         vision, strategy = config.vision_config, getattr(config, "vision_feature_select_strategy", None)
         tower = getattr(vision, "model_type", None)
-        if family != "LLaVA-1.5" or (tower, strategy) not in self.TOWERS:
+        if family != "LLaVA-1.5" or (tower, strategy) not in cls.TOWERS:
             raise UserError(f"VisionZip needs image tokens that are the tower's patches, one each (LLaVA-1.5 with a "
                             f"CLIP tower, or a SigLIP one with vision_feature_select_strategy 'full'); not supported "
                             f"on {family} ({tower}, {strategy!r})")
-        self.cls = self.TOWERS[tower, strategy]
         selected = config.vision_feature_layer
         n_layers = vision.num_hidden_layers
         index = selected + n_layers + 1 if isinstance(selected, int) and selected < 0 else selected
         if not isinstance(index, int) or not 1 <= index <= n_layers:
             raise UserError(f"VisionZip reads the attention of the layer whose output is projected; "
                             f"vision_feature_layer={selected!r} is not one encoder layer's output")
-        self.stage, self.n_patches = stage, (vision.image_size // vision.patch_size) ** 2
-        self.layer = getattr(vision_tower(model), "vision_model", vision_tower(model)).encoder.layers[index - 1]
-        self.projector = inputs_module(model).multi_modal_projector
-        self.seen: tuple[torch.Tensor, torch.Tensor] | None = None
+        return index, cls.TOWERS[tower, strategy]
 
     def hooks(self) -> list:
         def grab(module, args, kwargs, output):

@@ -102,15 +102,27 @@ def _number(text: str) -> int | float:
         raise UserError(f"--fix: {text!r} is not a number") from None
 
 
-def plan(cfg: SweepConfig, text_config, n_img: int, n_text: int | None) -> dict:
-    """The cells of a sweep: vanilla, then every method at every target (a target a method cannot reach is
-    listed under ``unreachable`` with the reason)."""
+def plan(cfg: SweepConfig, config, n_img: int, n_text: int | None) -> dict:
+    """The cells of a sweep on a model of ``config``: vanilla, then every method at every target (a target a
+    method cannot reach is listed under ``unreachable`` with the reason; a default method the model's family does
+    not support, under ``unsupported``; a method asked for by name must be supported)."""
+    from ..merging import check_model  # torch: a sweep report is written without it
+
+    text_config = config.get_text_config()
     n_layers = text_config.num_hidden_layers
     cells = [{"cell": "vanilla", "method": "none", "target": None, "policy": policies.to_params(None)}]
-    unreachable = []
+    unreachable, unsupported, methods = [], [], []
+    for method in cfg.methods:
+        try:
+            check_model(policies.from_params(method, n_layers=n_layers), config)
+            methods.append(method)
+        except UserError as err:
+            if cfg.methods != budget.METHODS:
+                raise
+            unsupported.append({"method": method, "reason": str(err)})
     for target in cfg.tokens or cfg.flops:
         goal = {"tokens": target} if cfg.tokens else {"flops": target, "text_config": text_config, "n_text": n_text}
-        for method in cfg.methods:
+        for method in methods:
             try:
                 solved = budget.solve(method, n_layers=n_layers, n_img=n_img, **goal, **cfg.fixed(method))
             except budget.Unreachable as err:
@@ -122,7 +134,7 @@ def plan(cfg: SweepConfig, text_config, n_img: int, n_text: int | None) -> dict:
             "limit": cfg.limit, "n_layers": n_layers, "n_img": n_img, "n_text": n_text,
             "model_shape": {k: getattr(text_config, k) for k in ("hidden_size", "intermediate_size",
                                                                   "num_hidden_layers")},
-            "cells": cells, "unreachable": unreachable}
+            "cells": cells, "unreachable": unreachable, "unsupported": unsupported}
 
 
 def mean_text_tokens(cfg: SweepConfig, processor, image_token_id: int) -> int:
@@ -164,7 +176,7 @@ def sweep(cfg: SweepConfig, model=None, processor=None) -> dict | None:
         processor = processor or load_processor(locate_model(cfg.model_path))
         n_text = cfg.text_tokens or mean_text_tokens(cfg, processor, config.image_token_id)
     folder = cfg.folder()
-    the_plan = {**plan(cfg, config.get_text_config(), n_img, n_text), "label": str(label)}
+    the_plan = {**plan(cfg, config, n_img, n_text), "label": str(label)}
     if int(os.environ.get("RANK", "0")) == 0:
         write_json(folder / PLAN, the_plan)
     cells = [(cell, _cell_config(cfg, cell, folder)) for cell in the_plan["cells"]]
@@ -220,6 +232,7 @@ def report(folder: str | Path) -> dict:
         row["of_vanilla"] = row["accuracy"] / vanilla if vanilla else None
     results = {"kind": "sweep", **{k: the_plan.get(k) for k in ("unit", "label", "model", "question_file",
                                                                 "n_layers", "n_img", "n_text", "unreachable")},
+               "unsupported": the_plan.get("unsupported", []),
                "rows": rows}
     write_json(folder / RESULTS, results)
     write_text(folder / "results.md", format_markdown(results))
@@ -249,4 +262,5 @@ def format_markdown(results: dict) -> str:
               "run; avg tokens: T = sum_i (L_i - L_(i-1)) T_i / L per sample, averaged (docs/budgets.md). Prefill ms: "
               f"median per question, vision tower included, measured on {results['rows'][0]['device']}."]
     lines += [f"Unreachable: {u['method']} at {u['target']:g}: {u['reason']}" for u in results["unreachable"]]
+    lines += [f"Not run, not defined on this model: {u['method']}: {u['reason']}" for u in results["unsupported"]]
     return "\n".join(lines) + "\n"
