@@ -74,11 +74,11 @@ def _mistral_grids(ids: list[int]) -> list[tuple[list[int], int, int]]:
     return grids
 
 
-def pool_by_hand(hidden: torch.Tensor, grids, r) -> dict[int, torch.Tensor]:
-    """One sample: slot -> pooled feature. Grid sides shrink by sqrt(budget / n_img), rounded (at least 1);
-    window (i, j) spans rows floor(i h / h') .. ceil((i + 1) h / h') - 1 (columns alike); its mean lands on its
-    top-left token."""
-    n_img = sum(h * w for _, h, w in grids)
+def pool_by_hand(hidden: torch.Tensor, grids, r, n_img: int | None = None) -> dict[int, torch.Tensor]:
+    """One sample: slot -> pooled feature. Grid sides shrink by sqrt(budget / n_img), rounded (at least 1; n_img:
+    the sample's image tokens, by default its grids'); window (i, j) spans rows floor(i h / h') ..
+    ceil((i + 1) h / h') - 1 (columns alike); its mean lands on its top-left token."""
+    n_img = n_img or sum(h * w for _, h, w in grids)
     scale = math.sqrt(budget(r, n_img) / n_img)
     out = {}
     for positions, h, w in grids:
@@ -241,14 +241,100 @@ def test_pool_counts_and_settings():
         policies.from_params("pool", {"r": 600}, n_layers=32, n_img=576)
 
 
-@pytest.mark.parametrize("family,why", [("llava_next", "LLaVA-NeXT"), ("llava_onevision", "LLaVA-OneVision")])
-def test_pool_refuses_families_without_an_exact_grid(family, why):
+ANYRES = ["llava_next", "llava_onevision"]
+
+
+def anyres_by_hand(family: str, model, inputs: dict, vis: torch.Tensor, b: int, r) -> dict[int, torch.Tensor]:
+    """Sample ``b`` of an any-resolution family: slot -> feature of every kept visual slot. The layout from
+    transformers' own anyres helpers and each image's size: a base grid (tower side squared), then, for an image
+    of several tiles, its unpadded grid (OneVision: shrunk by its anyres_max rule) row by row, each row ended by
+    a newline token; one tile (OneVision: any image of a sample with several): one newline. Grids pool as
+    :func:`pool_by_hand` (the scale from all the sample's image tokens); a pooled row keeps the newline of its
+    window's top row, with its own embedding."""
+    import importlib
+
+    helpers = importlib.import_module(f"transformers.models.{family}.modeling_{family}")   # the family's own
+    get_anyres_image_grid_shape, image_size_to_num_patches, unpad_image = (
+        helpers.get_anyres_image_grid_shape, helpers.image_size_to_num_patches, helpers.unpad_image)
+
+    cfg, stock = model.config, layer_inputs(model, inputs, 0)[0][b]
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    pos = vis[b].nonzero()[:, 0].tolist()
+    first = sum(_images_in(inputs, s) for s in range(b))
+    grids, newlines, start = [], [], 0
+    for h_px, w_px in inputs["image_sizes"][first:first + _images_in(inputs, b)].tolist():
+        grids.append((pos[start:start + side * side], side, side))
+        start += side * side
+        tiles = image_size_to_num_patches((h_px, w_px), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        if "batch_num_images" in inputs and int(inputs["batch_num_images"][b]) > 1:
+            tiles = 1                                      # OneVision tiles an image only when it is alone
+        if tiles == 1:
+            newlines.append(([pos[start]], 1))
+            start += 1
+            continue
+        nph, npw = get_anyres_image_grid_shape((h_px, w_px), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        rows, cols = unpad_image(torch.zeros(1, nph * side, npw * side), (h_px, w_px)).shape[1:]
+        ratio = math.sqrt(rows * cols / (int(cfg.vision_aspect_ratio.removeprefix("anyres_max_")) * side ** 2)) \
+            if family == "llava_onevision" else 0
+        if ratio > 1.1:
+            rows, cols = int(rows // ratio), int(cols // ratio)
+        grids.append(([pos[start + y * (cols + 1) + x] for y in range(rows) for x in range(cols)], rows, cols))
+        newlines.append(([pos[start + y * (cols + 1) + cols] for y in range(rows)], rows))
+        start += rows * (cols + 1)
+    assert start == len(pos)
+    out = pool_by_hand(stock, grids, r, n_img=len(pos))
+    scale = math.sqrt(budget(r, len(pos)) / len(pos))
+    for slots, rows in newlines:
+        pooled_rows = max(1, min(rows, round(rows * scale)))
+        for i in range(pooled_rows):
+            out[slots[i * rows // pooled_rows]] = stock[slots[i * rows // pooled_rows]]
+    return out
+
+
+def _images_in(inputs: dict, b: int) -> int:
+    """Images of sample ``b``: its runs of image tokens separated by text (each image is one run here)."""
+    ids = inputs["input_ids"][b].tolist()
+    image = families._id("<image>")
+    return sum(1 for t in range(len(ids)) if ids[t] == image and (t == 0 or ids[t - 1] != image))
+
+
+@pytest.mark.parametrize("family", ANYRES)
+def test_pool_anyres_kept_slots_and_features_equal_brute_force(family):
     model = families.model(family)
-    hooks_before = len(inputs_module(model)._forward_pre_hooks)
-    with pytest.raises(UserError, match=f"not supported on {why}") as err:
-        himap.apply(model, POOL)
+    inputs = families.inputs(family, families.SAMPLES)
+    vis = visual(family, inputs)
+    kept, hidden = layer0_seen(model, inputs, POOL)
+    real = inputs["attention_mask"].bool()
+    for b in range(vis.shape[0]):
+        expected = anyres_by_hand(family, model, inputs, vis, b, POOL.r)
+        assert kept[b].tolist() == sorted(expected)
+        slots = ~vis[b]
+        slots[kept[b]] = True
+        ours = hidden[b, hidden.shape[1] - int(slots.sum()):]
+        for row, t in zip(ours, slots.nonzero()[:, 0].tolist()):
+            if real[b, t] and t in expected:
+                torch.testing.assert_close(row, expected[t], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ANYRES)
+def test_pool_anyres_equals_stock_fed_pooled_embeds(family):
+    def features(model, inputs, vis):
+        return [anyres_by_hand(family, model, inputs, vis, 0, POOL.r)]
+
+    assert_equals_fed_reference(family, POOL, features)
+
+
+@pytest.mark.parametrize("family", ANYRES)
+def test_pool_anyres_ragged_batch_equals_each_alone(family):
+    assert_batch_equals_alone(family, POOL)
+
+
+def test_pool_refuses_towers_whose_tokens_are_not_patches():
+    config = families.FAMILIES["llava_next"].config()
+    config.vision_feature_select_strategy = "full"          # CLIP's [CLS] would be an image token
+    with pytest.raises(UserError, match="needs the image tokens to be the vision tower's patch grid") as err:
+        policies.AvgPool(r=0.25).stages[0].check(config)
     assert "\n" not in str(err.value)
-    assert len(inputs_module(model)._forward_pre_hooks) == hooks_before and himap.engine.active(model) is None
 
 
 def test_pool_refuses_video_tokens():

@@ -91,11 +91,15 @@ def check_model(policy, config) -> None:
 class GridRule:
     """How a family lays out its image tokens: each image's tokens are consecutive among the sample's visual
     tokens, row-major, in a ``side`` x ``side`` grid (per image, or per InternVL tile), or in the grid ``sizes``
-    reads from the keyword arguments of the vision tower's call (per image of the batch, in order)."""
+    reads from the keyword arguments of the vision tower's call (per image of the batch, in order). ``anyres``
+    (LLaVA-NeXT, OneVision): each image is a ``side`` x ``side`` base grid, then either one ``image_newline``
+    token (one tile) or the unpadded high-resolution grid row by row, each row ended by an ``image_newline`` token;
+    the rows are read from the embeddings (a newline token's is exactly the model's ``image_newline``)."""
 
     side: int | None = None
     unit: str = "image"
     sizes: Callable[[dict], list[tuple[int, int]]] | None = None
+    anyres: bool = False
 
     def grids(self, tower_kwargs: dict, n_img: list[int]) -> list[list[tuple[int, int]]]:
         """Per sample with ``n_img[b]`` visual tokens, the (rows, cols) of each of its grids."""
@@ -121,13 +125,7 @@ def image_grids(config, what: str) -> GridRule:
     not known exactly (``what`` names the method)."""
     family = family_of(config).name
     if family == "LLaVA-1.5":
-        vision = config.vision_config
-        tower = getattr(vision, "model_type", None)
-        strategy = config.vision_feature_select_strategy
-        if (tower, strategy) not in (("clip_vision_model", "default"), ("siglip_vision_model", "full")):
-            raise UserError(f"{what} needs the image tokens to be the vision tower's patch grid; a LLaVA-1.5 model "
-                            f"with a {tower} tower and vision_feature_select_strategy={strategy!r} is not supported")
-        return GridRule(vision.image_size // vision.patch_size)
+        return GridRule(_tower_side(config, what, family))
     if family == "Gemma 3":
         return GridRule(_side(config.mm_tokens_per_image, "mm_tokens_per_image", what))
     if family == "InternVL":
@@ -138,10 +136,21 @@ def image_grids(config, what: str) -> GridRule:
     if family in ("Qwen2-VL", "Qwen2.5-VL", "Qwen3-VL"):   # the tower's grid_thw (patches), merged m x m, t frames
         m = config.vision_config.spatial_merge_size
         return GridRule(sizes=lambda kw: [(h // m, w // m) for t, h, w in _rows(kw, "grid_thw") for _ in range(t)])
-    why = {"LLaVA-NeXT": "any-resolution tiles, unpadded, with newline tokens",
-           "LLaVA-OneVision": "any-resolution tiles, unpadded, with newline tokens"}.get(family, "its layout")
-    raise UserError(f"{what} is not supported on {family} ({why}); it supports LLaVA-1.5, Qwen2-VL, "
-                    f"Qwen2.5-VL, Qwen3-VL, InternVL, Gemma 3 and Mistral 3")
+    if family in ("LLaVA-NeXT", "LLaVA-OneVision"):
+        return GridRule(_tower_side(config, what, family), anyres=True)
+    raise UserError(f"{what} is not supported on {family} (its layout); it supports LLaVA-1.5, LLaVA-NeXT, "
+                    f"LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL, Gemma 3 and Mistral 3")
+
+
+def _tower_side(config, what: str, family: str) -> int:
+    """The side of the tower's patch grid, where each patch is one image token (CLIP without its [CLS], SigLIP)."""
+    vision = config.vision_config
+    tower = getattr(vision, "model_type", None)
+    strategy = config.vision_feature_select_strategy
+    if (tower, strategy) not in (("clip_vision_model", "default"), ("siglip_vision_model", "full")):
+        raise UserError(f"{what} needs the image tokens to be the vision tower's patch grid; a {family} model "
+                        f"with a {tower} tower and vision_feature_select_strategy={strategy!r} is not supported")
+    return vision.image_size // vision.patch_size
 
 
 _NO_TOWER = ("{} reads the vision tower as it encodes the images of the same forward; it cannot take image "
@@ -196,6 +205,10 @@ class _PoolMerger(Merger):
         super().__init__()
         self.stage, self.model = stage, model
         self.rule = image_grids(model.config, "average pooling")
+        self.newline = getattr(inputs_module(model), "image_newline", None) if self.rule.anyres else None
+        if self.rule.anyres and self.newline is None:
+            raise UserError("average pooling reads an any-resolution image's rows from its newline tokens; this "
+                            "model has no image_newline")
         self.video_ids = [i for i in visual_token_ids(model) if i != model.config.image_token_id]
         self.ids: torch.Tensor | None = None
         self.tower: dict = {}
@@ -220,20 +233,56 @@ class _PoolMerger(Merger):
         if self.video_ids and torch.isin(self.ids, torch.tensor(self.video_ids, device=self.ids.device)).any():
             raise UserError("average pooling pools image grids; video tokens are not supported")
         n_img = inputs.is_img.sum(1).tolist()
-        grids = self.rule.grids(tower, n_img)
+        shapes = None if self.rule.anyres else self.rule.grids(tower, n_img)
         votes = torch.zeros(inputs.is_img.shape, device=inputs.hidden.device)
         hidden, counts, self.windows = inputs.hidden.clone(), [], []
-        for b, sample in enumerate(grids):
-            positions, start, kept = inputs.is_img[b].nonzero()[:, 0], 0, 0
-            scale = self.stage.scale(n_img[b]) if sample else 1.0
-            for h, w in sample:
-                grid, out = positions[start:start + h * w].view(h, w), self.stage.out_grid(h, w, scale)
-                slots, features = pool_grid(inputs.hidden[b], grid, out)
-                hidden[b, slots], votes[b, slots] = features, 1.0
-                self.windows.append((b, grid, out))
-                start, kept = start + h * w, kept + len(slots)
+        for b, n in enumerate(n_img):
+            positions, kept = inputs.is_img[b].nonzero()[:, 0], 0
+            pieces = self._anyres(b, positions, inputs.hidden[b]) if shapes is None else _cut(positions, shapes[b])
+            scale = self.stage.scale(n) if n else 1.0
+            for grid, newlines in pieces:
+                if grid is not None:
+                    out = self.stage.out_grid(*grid.shape, scale)
+                    slots, features = pool_grid(inputs.hidden[b], grid, out)
+                    hidden[b, slots], votes[b, slots] = features, 1.0
+                    self.windows.append((b, grid, out))
+                    kept += len(slots)
+                if newlines is not None:     # a pooled row keeps the newline of its window's top row
+                    rows = len(newlines) if grid is None else out[0]
+                    keep = newlines[torch.arange(rows, device=newlines.device) * len(newlines) // rows]
+                    votes[b, keep] = 1.0
+                    kept += len(keep)
             counts.append(kept)
         return Merged(votes, hidden, counts)
+
+    def _anyres(self, b: int, positions: torch.Tensor, hidden: torch.Tensor) -> list[tuple]:
+        """Sample ``b``'s images as (grid (h, w) or None, newlines (h,) or None) pieces: each image's base grid,
+        then its rows with their newlines (or its one newline, a grid-less piece)."""
+        side = self.rule.side
+        base, n = side * side, len(positions)
+        flags = (hidden[positions] == self.newline.to(hidden.dtype)).all(-1).tolist()   # the newline tokens
+        pieces, i = [], 0
+        while i < n:
+            if i + base > n or any(flags[i:i + base]):
+                raise UserError(f"sample {b}'s image tokens do not follow the any-resolution layout (a {side}x{side} "
+                                f"base grid per image, then rows ended by newline tokens)")
+            pieces.append((positions[i:i + base].view(side, side), None))
+            i += base
+            if i < n and flags[i]:                                          # one tile: one newline
+                pieces.append((None, positions[i:i + 1]))
+                i += 1
+                continue
+            width = flags.index(True, i) - i if True in flags[i:] else base
+            if width >= base:
+                raise UserError(f"sample {b}: an image's rows ({width} tokens or more) cannot be told from the next "
+                                f"image's {side}x{side} base grid")
+            starts = []
+            while i + width < n and flags[i + width] and not any(flags[i:i + width]):
+                starts.append(i)
+                i += width + 1
+            rows = torch.tensor(starts, device=positions.device)
+            pieces.append((positions[rows[:, None] + torch.arange(width, device=rows.device)], positions[rows + width]))
+        return pieces
 
     def deepstack(self, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor) -> torch.Tensor:
         """Each kept slot's deepstack feature is its window's mean too (the same windows as the embeddings)."""
@@ -244,6 +293,15 @@ class _PoolMerger(Merger):
             slots, features = pool_grid(visual_embeds, row[b][grid.to(row.device)], out)
             pooled[slots] = features
         return pooled
+
+
+def _cut(positions: torch.Tensor, shapes: list[tuple[int, int]]) -> list[tuple[torch.Tensor, None]]:
+    """``positions`` cut into consecutive row-major grids of ``shapes``."""
+    pieces, start = [], 0
+    for h, w in shapes:
+        pieces.append((positions[start:start + h * w].view(h, w), None))
+        start += h * w
+    return pieces
 
 
 def pool_grid(hidden: torch.Tensor, grid: torch.Tensor, out: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -271,7 +271,9 @@ class AvgPool:
     """Average pooling before the decoder, the pooling baseline of token-reduction papers (e.g. Cai et al.,
     "Matryoshka Multimodal Models", ICLR 2025, which average-pools LLaVA-1.5's 24 x 24 grid to 12 x 12, 6 x 6,
     ...). Each image's token grid, h x w (per family, :mod:`himap.merging`:
-    LLaVA-1.5, Gemma 3, InternVL tiles, Mistral 3 and Qwen2/2.5/3-VL images), is average-pooled on the features
+    LLaVA-1.5, LLaVA-NeXT and OneVision (the base grid and the unpadded high-resolution grid of each image; a
+    pooled row keeps the newline token of its window's top row), Gemma 3, InternVL tiles, Mistral 3 and
+    Qwen2/2.5/3-VL images), is average-pooled on the features
     entering the decoder (the projected image features; on Qwen3-VL each deepstack level's features too, with the
     same windows) to h' x w' = max(1, round(h s)) x max(1, round(w s)),
     s = sqrt(r / n_img) (``r`` a count, or a fraction of the sample's image tokens), with torch's
