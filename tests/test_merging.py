@@ -115,14 +115,21 @@ def test_pool_kept_slots_and_features_equal_brute_force(family):
     kept, hidden = layer0_seen(model, inputs, POOL)
     real = inputs["attention_mask"].bool()
     for b, grids in enumerate(grids_by_hand(family, inputs, vis)):
-        expected = pool_by_hand(stock[b], grids, POOL.r)
-        assert kept[b].tolist() == sorted(expected)
-        slots = ~vis[b]                                   # the slots left: every other token, then the kept ones
-        slots[kept[b]] = True
-        ours = hidden[b, hidden.shape[1] - int(slots.sum()):]                  # after any filler slots
-        for row, t in zip(ours, slots.nonzero()[:, 0].tolist()):
-            if real[b, t]:
-                torch.testing.assert_close(row, expected.get(t, stock[b, t]), atol=1e-5, rtol=0)
+        assert_layer0_rows(kept[b], hidden[b], vis[b], pool_by_hand(stock[b], grids, POOL.r), stock[b], real[b])
+
+
+def assert_layer0_rows(kept, hidden, vis, expected: dict, stock=None, real=None) -> None:
+    """One sample: its kept visual slots == sorted(expected), and the row decoder layer 0 runs on at each
+    expected slot == its feature (with ``stock``: every other real slot == its stock row)."""
+    assert kept.tolist() == sorted(expected)
+    slots = ~vis                                          # the slots left: every other token, then the kept ones
+    slots[kept] = True
+    ours = hidden[hidden.shape[0] - int(slots.sum()):]                         # after any filler slots
+    for row, t in zip(ours, slots.nonzero()[:, 0].tolist()):
+        if t in expected:
+            torch.testing.assert_close(row, expected[t], atol=1e-5, rtol=0)
+        elif stock is not None and real[t]:
+            torch.testing.assert_close(row, stock[t], atol=1e-5, rtol=0)
 
 
 def merged_embeds(model, inputs: dict, features: list[dict[int, torch.Tensor]]) -> dict:
@@ -304,16 +311,8 @@ def test_pool_anyres_kept_slots_and_features_equal_brute_force(family):
     inputs = families.inputs(family, families.SAMPLES)
     vis = visual(family, inputs)
     kept, hidden = layer0_seen(model, inputs, POOL)
-    real = inputs["attention_mask"].bool()
     for b in range(vis.shape[0]):
-        expected = anyres_by_hand(family, model, inputs, vis, b, POOL.r)
-        assert kept[b].tolist() == sorted(expected)
-        slots = ~vis[b]
-        slots[kept[b]] = True
-        ours = hidden[b, hidden.shape[1] - int(slots.sum()):]
-        for row, t in zip(ours, slots.nonzero()[:, 0].tolist()):
-            if real[b, t] and t in expected:
-                torch.testing.assert_close(row, expected[t], atol=1e-5, rtol=0)
+        assert_layer0_rows(kept[b], hidden[b], vis[b], anyres_by_hand(family, model, inputs, vis, b, POOL.r))
 
 
 @pytest.mark.parametrize("family", ANYRES)
@@ -415,15 +414,8 @@ def test_visionzip_kept_slots_and_features_equal_brute_force(family):
     inputs = families.inputs(family, families.SAMPLES)
     vis = visual(family, inputs)
     kept, hidden = layer0_seen(model, inputs, ZIP)
-    expected = zip_by_hand(family, model, inputs, vis, ZIP.dominant, ZIP.contextual)
-    for b, sample in enumerate(expected):
-        assert kept[b].tolist() == sorted(sample)
-        slots = ~vis[b]
-        slots[kept[b]] = True
-        ours = hidden[b, hidden.shape[1] - int(slots.sum()):]
-        rows = dict(zip(slots.nonzero()[:, 0].tolist(), ours))
-        for t, feature in sample.items():
-            torch.testing.assert_close(rows[t], feature, atol=1e-5, rtol=0)
+    for b, sample in enumerate(zip_by_hand(family, model, inputs, vis, ZIP.dominant, ZIP.contextual)):
+        assert_layer0_rows(kept[b], hidden[b], vis[b], sample)
 
 
 @pytest.mark.parametrize("family", ZIP_FAMILIES)
