@@ -22,13 +22,13 @@ from test_methods import assert_batch_equals_alone, layer_inputs
 pytestmark = pytest.mark.usefixtures("no_grad")
 
 POOL = policies.AvgPool(r=0.25)
-POOLED = ["llava", "llava+siglip", "gemma3", "internvl", "mistral3", "qwen2_vl", "qwen3_vl"]
+POOLED = ["llava", "llava+siglip", "gemma3", "internvl", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
 
 def grids_by_hand(family: str, inputs: dict, vis: torch.Tensor) -> list[list[tuple[list[int], int, int]]]:
     """Per sample, each image's (positions row-major, rows, cols), from each family's layout: LLaVA-1.5 a 6 x 6
     patch grid per image (24 px / 4 px patches), Gemma 3 4 x 4 soft tokens, InternVL 3 x 3 tokens per tile,
-    Mistral 3 rows of [IMG] ending at [IMG_BREAK], images at [IMG_END], Qwen2-VL and Qwen3-VL image_grid_thw / 2."""
+    Mistral 3 rows of [IMG] ending at [IMG_BREAK], images at [IMG_END], Qwen-VL image_grid_thw / 2."""
     ids = inputs["input_ids"]
     out = []
     for b in range(ids.shape[0]):
@@ -36,7 +36,7 @@ def grids_by_hand(family: str, inputs: dict, vis: torch.Tensor) -> list[list[tup
         if family == "mistral3":
             out.append(_mistral_grids(ids[b].tolist()))
             continue
-        if family in ("qwen2_vl", "qwen3_vl"):
+        if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
             shapes = [(h // 2, w // 2) for _, h, w in inputs["image_grid_thw"].tolist()]
             before = int(vis[:b].sum())
             seen = 0
@@ -178,12 +178,12 @@ def pool_features(family: str):
     return features
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3", "mistral3"])
+@pytest.mark.parametrize("family", ["llava", "llava+siglip", "gemma3", "internvl", "mistral3"])
 def test_pool_equals_stock_fed_pooled_embeds(family):
     assert_equals_fed_reference(family, POOL, pool_features(family))
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_pool_equals_stock_with_pooled_tower_outputs(family):
     """Qwen-VL: the pruned run == the stock model whose vision tower outputs (the merged embeddings and, for
     Qwen3-VL, every deepstack level) carry each window's mean at its top-left row, pooled by hand, with the
