@@ -5,6 +5,7 @@ import torch
 
 import himap
 from conftest import dropped_from_kept, left_pad_batch, make_inputs, masked_reference
+from himap.models import decoder_layers
 from himap.spans import find_spans
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -28,11 +29,15 @@ def test_keep_everything_is_stock_and_remove_restores(make_model):
     model = make_model()
     inputs = make_inputs(model)
     stock = logits(model, inputs)
+    attns = [layer.self_attn for layer in decoder_layers(model)]
     with himap.apply(model, himap.HiMAP(k1=1, r1=36, k2=3, r2=36)) as handle:
         assert torch.equal(logits(model, inputs)[:, -1], stock[:, -1])
         assert handle.kept[1].tolist() == [list(range(5, 41))]
+        # only the scoring layers (K - 1) dispatch through himap; the decoder's own config is untouched
+        assert [i for i, a in enumerate(attns) if a.config._attn_implementation == "himap_sdpa"] == [0, 2]
+        assert model.model.language_model.config._attn_implementation == "sdpa"
     assert torch.equal(logits(model, inputs), stock)
-    assert model.model.language_model.config._attn_implementation == "sdpa"
+    assert all(a.config is model.model.language_model.config for a in attns)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import himap
 from conftest import left_pad_batch, make_inputs
 from himap.analysis import FORMS
+from himap.models import decoder_layers
 from himap.spans import find_spans
 
 LAYOUTS = [(5, 9), (11, 3)]   # (system tokens, text tokens): two prompt layouts
@@ -126,9 +127,10 @@ def test_composes_with_knockout(make_model):
     inputs = make_inputs(model, seed=4)
     with himap.knockout(model, "img2txt", layers=range(2, 6)):
         sal = himap.saliency(model, inputs, [5])
-        assert model.config.text_config._attn_implementation == "himap_sdpa"   # the knockout is still on
+        layers = decoder_layers(model)
+        assert layers[2].self_attn.config._attn_implementation == "himap_sdpa"   # the knockout is still on
     assert (sal.props4img[2:, 1] == 0).all() and (sal.props4img[:2, 1] > 0).all()
     # Image rows matter only through text rows reading image columns, which happens in layers 0 and 1 only:
     # so only layer 0's image-to-image edges (feeding layer 1's image states) carry gradient.
     assert sal.props4img[0, 0] > 0 and (sal.props4img[1:, 0] == 0).all()
-    assert model.config.text_config._attn_implementation == "sdpa"
+    assert all(layer.self_attn.config is model.config.text_config for layer in layers)   # the stock model again

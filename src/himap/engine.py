@@ -33,12 +33,12 @@ visual tokens runs unpruned.
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
@@ -195,23 +195,23 @@ class Pruner:
         is_img = visual_mask(input_ids, self.visual_ids, attention_mask)              # (B, N)
         batch, n = is_img.shape
         seen = is_img.cumsum(1)                                                      # visual tokens up to t
-        # the last visual (real) token is where the running count first peaks
-        stats = [seen[:, -1], (seen == 0).sum(1), seen.argmax(1)]
+        # max: the count, and where the running count first peaks (the last visual token); the same for the
+        # real tokens' running count (the last real token)
+        stats = [*seen.max(1), (seen == 0).sum(1)]
         if attention_mask is not None:
-            stats += [attention_mask.cumsum(1).argmax(1), attention_mask.sum(1)]
+            stats += attention_mask.cumsum(1).max(1)
         # The prefill's one host sync: every budget and every later shape depends on these counts.
-        n_img, first, last_img, *real = torch.stack(stats).tolist()
+        n_img, last_img, first, *real = torch.stack(stats).tolist()
         if max(n_img) == 0:
             return None
         for count in set(n_img) - self._checked:
             if count:
                 check(self.policy, self._n_layers, count)
             self._checked.add(count)
-        last_real, n_real = real or ([n - 1] * batch, [n] * batch)
+        n_real, last_real = real or ([n] * batch, [n - 1] * batch)
         layout = _Layout(n, n_img, first, [n - 1 - p for p in last_img], [n - r for r in last_real],
                          padded=min(n_real) < n)
-        index = torch.arange(n, device=is_img.device).expand(batch, n)
-        prompt = _Seq(index, None, is_img, None, n_img, [0] * batch,
+        prompt = _Seq(_positions(batch, n, is_img.device), None, is_img, None, n_img, [0] * batch,
                       groups=lambda: group_codes(input_ids, self.visual_ids, attention_mask))
         sdpa = hooks.inner_implementation(self._text_config) == "sdpa"
         return _Episode(layout, [prompt], total=n, sdpa=sdpa, attention_mask=attention_mask)
@@ -242,16 +242,16 @@ class Pruner:
         return lo, hi, torch.arange(lo, hi, device=last.device) == last[:, None]
 
     def resolve(self, stage: Stage, votes: torch.Tensor | None, counts: list[int] | None = None) -> None:
-        """Fix the next sequence: ``votes`` (B, M) scores the slots of the current one (only visual slots count);
-        None draws the kept tokens at random (seeded, per sample). ``counts``: visual slots each sample keeps, if
-        not the stage's count of its visual tokens."""
+        """Fix the next sequence: ``votes`` (B, M') scores the first M' slots of the current one, M' covering every
+        visual slot (only visual slots count); None draws the kept tokens at random (seeded, per sample).
+        ``counts``: visual slots each sample keeps, if not the stage's count of its visual tokens."""
         ep = self._episode
         prev, lay = ep.seqs[-1], ep.layout
         counts = counts or [0 if n == 0 else stage.count(n) for n in lay.n_img]
         if votes is None:
             votes = _random_votes(prev.is_img, prev.counts, counts, stage.seed)
         keep = ~prev.is_img
-        scores = votes.masked_fill(keep, float("-inf"))                           # (B, M) visual slots only
+        scores = votes.masked_fill(keep[:, :votes.shape[1]], float("-inf"))      # (B, M') visual slots only
         chosen = scores.topk(max(counts), dim=1).indices                          # best first
         if min(counts) == max(counts):
             keep.scatter_(1, chosen, True)
@@ -370,6 +370,12 @@ def _range(name: str):
     return record_function(name) if torch._C._autograd._profiler_enabled() else contextlib.nullcontext()
 
 
+@functools.lru_cache(maxsize=8)
+def _positions(batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """(B, N) positions 0..N-1 of a prompt, cached per shape (read only: every later index is gathered anew)."""
+    return torch.arange(n, device=device).expand(batch, n)
+
+
 def _kept_positions(seq: _Seq):
     """(B, r) original positions of the visual slots, or a list of (r_b,) when the counts differ."""
     if len(set(seq.counts)) == 1:
@@ -412,7 +418,7 @@ class _Scorer(hooks.AttentionHook):
                 votes = probs.sum((1, 2))                                             # (B, hi)
             else:
                 votes = torch.bmm(weight.to(probs.dtype)[:, None, :], probs.mean(1))[:, 0]
-            self.pruner.resolve(stage, F.pad(votes, (0, key.shape[2] - hi)))          # (B, M)
+            self.pruner.resolve(stage, votes)          # keys past hi are no visual slot: the window holds them all
 
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Pruner] = weakref.WeakKeyDictionary()

@@ -1,8 +1,9 @@
 """The one mechanism through which himap sees and edits attention: pruning, saliency and knockout all use it.
 
-While any hook is attached, the decoder's ``_attn_implementation`` is switched to a registered wrapper
-(``"himap_" + the original``, e.g. ``himap_sdpa``) that calls the original implementation unchanged, except
-in layers that have hooks. It works on every family of :mod:`himap.models` (each layer's attention module
+While a layer has hooks, its attention module gets its own copy of the decoder config whose
+``_attn_implementation`` names a registered wrapper (``"himap_" + the original``, e.g. ``himap_sdpa``) that runs the
+hooks around the original implementation; every other layer, and the masks the decoder builds, keep the stock
+config and never pass through himap. It works on every family of :mod:`himap.models` (each layer's attention module
 carries its ``layer_idx``, and gets the mask of its own kind: causal, sliding-window, bidirectional blocks).
 Only ``sdpa`` and ``eager`` are hooked: ``flash_attention_2`` takes no mask tensor and cannot be tested on a
 CPU, so it is refused in one line. Per layer, an :class:`AttentionHook` can
@@ -14,11 +15,12 @@ CPU, so it is refused in one line. Per layer, an :class:`AttentionHook` can
               its output and probabilities are 0,
 - ``pattern`` see, and replace, the post-softmax probabilities (B, H, Q, K); the layer then runs an eager
               attention so the probabilities are part of the autograd graph (saliency).
-Removing the last hook restores the original implementation name: the model is the stock model again.
+Removing a layer's last hook gives its attention module the stock config back: the model is the stock model again.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 import weakref
@@ -27,7 +29,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .errors import UserError
@@ -52,6 +53,7 @@ class AttentionHook:
 
 
 _HOOKS: weakref.WeakKeyDictionary[nn.Module, list[AttentionHook]] = weakref.WeakKeyDictionary()
+_STOCK_CONFIG: weakref.WeakKeyDictionary[nn.Module, object] = weakref.WeakKeyDictionary()   # hooked module -> config
 
 
 def inner_implementation(config) -> str:
@@ -152,10 +154,8 @@ def _hooked(inner: str) -> Callable:
     """The attention function registered as ``himap_<inner>``: the layer's hooks around the original."""
 
     def hooked_attention(module, query, key, value, attention_mask, **kwargs):
-        hooks = _HOOKS.get(module)
+        hooks = _HOOKS.get(module, ())
         original = _module_eager(module) if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
-        if not hooks:               # most layers: the original, untouched
-            return original(module, query, key, value, attention_mask, **kwargs)
         for hook in hooks:
             hook.qk(module, query, key, attention_mask)
         stock_mask = attention_mask
@@ -187,38 +187,39 @@ def _register(inner: str) -> str:
                         f"attn_implementation='sdpa' or 'eager'")
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _hooked(inner))
-        # Without a mask function of the same name no causal mask is built and attention runs non-causal.
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
     return name
 
 
 class HookHandle:
-    """Removes the hooks it attached; restores the stock attention once no hook is left on the model."""
+    """Removes the hooks it attached; a module left without hooks gets its stock config back."""
 
-    def __init__(self, config, modules_hooks: list[tuple[nn.Module, AttentionHook]], all_modules):
-        self._config, self._pairs, self._all = config, modules_hooks, all_modules
+    def __init__(self, modules_hooks: list[tuple[nn.Module, AttentionHook]]):
+        self._pairs = modules_hooks
 
     def remove(self) -> None:
         for module, hook in self._pairs:
             hooks = _HOOKS.get(module, [])
             if hook in hooks:
                 hooks.remove(hook)
-            if not hooks:
+            if not hooks and module in _STOCK_CONFIG:
                 _HOOKS.pop(module, None)
+                module.config = _STOCK_CONFIG.pop(module)
         self._pairs = []
-        if not any(m in _HOOKS for m in self._all):
-            self._config._attn_implementation = inner_implementation(self._all[0].config)
 
 
 def attach(layers: nn.ModuleList, hooks: dict[int, list[AttentionHook]]) -> HookHandle:
     """Attach ``hooks`` (layer index -> hooks) to the attention modules of ``layers``."""
     attns = [layer.self_attn for layer in layers]
-    config = attns[0].config
-    if not config._attn_implementation.startswith(PREFIX):
-        config._attn_implementation = _register(config._attn_implementation or "eager")
+    for idx in hooks:          # refuse before anything changes
+        _register(inner_implementation(attns[idx].config))
     pairs = []
     for idx, layer_hooks in hooks.items():
+        module = attns[idx]
+        if module not in _STOCK_CONFIG:
+            # the layer's own config naming the wrapper: the decoder's masks and other layers keep the stock name
+            _STOCK_CONFIG[module], module.config = module.config, copy.copy(module.config)
+            module.config._attn_implementation = _register(inner_implementation(module.config))
         for hook in layer_hooks:
-            _HOOKS.setdefault(attns[idx], []).append(hook)
-            pairs.append((attns[idx], hook))
-    return HookHandle(config, pairs, attns)
+            _HOOKS.setdefault(module, []).append(hook)
+            pairs.append((module, hook))
+    return HookHandle(pairs)
