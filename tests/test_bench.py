@@ -223,3 +223,50 @@ def test_cli_writes_json_and_markdown(tiny, tmp_path, monkeypatch, capsys):
     predicted = result["policies"]["himap"]["predicted"]["speedup"]
     assert f"{predicted:.2f}×" in rows[0]
     assert "**Engine cost per prefill**" in table
+
+
+def _bench_script(name: str):
+    """A script of bench/ as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_engine_anatomy_replays_parts_without_changing_the_prefill(tiny):
+    """Each replay level hands back recorded tensors instead of computing them: the keep-all prefill must still
+    equal the stock model's bit for bit, and the stock functions come back afterwards."""
+    from himap import engine, hooks
+
+    anatomy = _bench_script("engine_anatomy")
+    model, layout = tiny
+    inputs = bm.synthetic_inputs(model, layout)
+    stock_fns = (hooks.attention_probs, engine.Pruner.resolve, engine.Pruner._start)
+    with torch.inference_mode():
+        stock = model(**inputs).logits
+        replay = anatomy.Replay()
+        try:
+            for level in range(4):
+                replay.level = level
+                with himap.apply(model, POLICIES[bm.KEEP_ALL]):
+                    assert torch.equal(model(**inputs).logits, stock), level
+        finally:
+            replay.restore()
+    assert (hooks.attention_probs, engine.Pruner.resolve, engine.Pruner._start) == stock_fns
+    assert sorted(replay.probs) == [0, 1] and sorted(replay.seqs) == [1, 2]   # both stages were recorded
+
+
+def test_decode_step_reports_each_layers_pruned_cache(tiny):
+    model, layout = tiny
+    inputs = bm.synthetic_inputs(model, layout)
+    decode_steps = _bench_script("decode_step").decode_steps
+    with torch.inference_mode():
+        seconds, vanilla = decode_steps(model, inputs, 2)
+        with himap.apply(model, POLICIES["himap"]):
+            _, pruned = decode_steps(model, inputs, 2)
+    assert len(seconds) == 2 and vanilla == [50, 50, 50]
+    assert pruned == [50, 50 - 36 + 18, 50 - 36 + 4]        # HiMAP k1=1 r1=18, k2=2 r2=4: layers from K keep R
