@@ -166,7 +166,12 @@ def test_model_validation(make_model):
     with himap.apply(model, himap.FastV(k=2, r=4)):
         with pytest.raises(ValueError, match="already applied"):
             himap.apply(model, himap.FastV(k=2, r=4))
+    with pytest.raises(ValueError, match=r"a policy with its settings, e.g. HiMAP\(...\), not the class HiMAP"):
+        himap.apply(model, himap.HiMAP)
+    with pytest.raises(ValueError, match=r"one of himap's policies \(himap, fastv, .*\), got str"):
+        himap.apply(model, "himap")
     assert model.model.language_model.config._attn_implementation == "sdpa"
+    assert not himap.is_pruned(model)
 
 
 def test_unsupported_language_model(make_model):

@@ -139,8 +139,17 @@ def test_bad_input(make_model):
         himap.knockout(model, "img2txt", layers=range(3, 7))
     with himap.knockout(model, "sys2sys"), pytest.raises(ValueError, match="no key to attend to"):
         model(**inputs)
+    for layers, message in ((3, "such as \\[3\\] or range"), ("2,3", "such as"),
+                            ([1, 2.0], "must be integers, got 2.0"), ([True], "must be integers, got True")):
+        with pytest.raises(ValueError, match=message):
+            himap.knockout(model, "img2txt", layers=layers)
+    with himap.knockout(model, "img2txt", layers=[torch.tensor(2), 1, 2]) as handle:
+        assert handle.layers == [1, 2]
     with himap.apply(model, himap.FastV(k=2, r=9)), pytest.raises(ValueError, match="pruning"):
         himap.knockout(model, "img2txt")
+    with himap.knockout(model, "img2txt", layers=[3]), pytest.raises(ValueError, match="active knockout"):
+        himap.apply(model, himap.FastV(k=2, r=9))     # its layer 3 would see the pruned sequence
+    assert not himap.is_pruned(model)
     with himap.knockout(model, "img2txt"), pytest.raises(ValueError, match="input_ids"):
         model(inputs_embeds=model.get_input_embeddings()(inputs["input_ids"]))
     assert model.config.text_config._attn_implementation == "sdpa"

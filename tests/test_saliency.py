@@ -112,6 +112,13 @@ def test_bad_input(make_model):
         himap.saliency(model, inputs, [1], form="grad")
     with pytest.raises(ValueError, match="2 labels for a batch of 1"):
         himap.saliency(model, inputs, [1, 2])
+    for labels, message in (([256], r"label id 256 is outside the model's vocabulary \(0..255\)"),
+                            ([-1], "label id -1 is outside"), (["A"], "must be token ids"),
+                            ([1.5], "must be token ids")):
+        with pytest.raises(ValueError, match=message):
+            himap.saliency(model, inputs, labels)
+    with pytest.raises(ValueError, match="inputs must be the processor's output .*got Tensor"):
+        himap.saliency(model, inputs["input_ids"], [1])
     no_image = {"input_ids": inputs["input_ids"][:, :5]}
     with pytest.raises(ValueError, match="no visual tokens"):
         himap.saliency(model, no_image, [1])

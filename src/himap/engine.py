@@ -117,6 +117,9 @@ class Pruner:
 
     def __init__(self, model: nn.Module, policy: Policy):
         layers = decoder_layers(model)
+        if hooks.hooked(layers):      # a knockout's groups are the full prompt's; pruning shortens the sequence
+            raise UserError("himap.apply cannot be combined with an active knockout on the same model; remove the "
+                            "knockout first")
         self.model, self.policy, self.stages = model, policy, policy.stages
         self._n_layers, self._text_config = len(layers), language_model(model).config
         check(policy, self._n_layers)
@@ -441,6 +444,9 @@ def apply(model: nn.Module, policy: Policy) -> Pruner:
     >>> with himap.apply(model, himap.HiMAP(k1=2, r1=0.5, k2=8, r2=0.125)):
     ...     out = model.generate(**inputs, max_new_tokens=16)
     """
+    if isinstance(policy, type):
+        raise UserError(f"policy must be a policy with its settings, e.g. {policy.__name__}(...), not the class "
+                        f"{policy.__name__} itself")
     if not hasattr(policy, "stages"):
         raise UserError(f"policy must be one of himap's policies ({', '.join(POLICIES)}), got "
                         f"{type(policy).__name__}")

@@ -190,6 +190,11 @@ def _register(inner: str) -> str:
     return name
 
 
+def hooked(layers: nn.ModuleList) -> bool:
+    """Whether any attention module of ``layers`` has hooks attached."""
+    return any(layer.self_attn in _HOOKS for layer in layers)
+
+
 class HookHandle:
     """Removes the hooks it attached; a module left without hooks gets its stock config back."""
 

@@ -21,6 +21,8 @@ blocks layers k..last. Pass ``layers=range(k, n_layers)`` for that, ``range(k, k
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -63,7 +65,7 @@ class Knockout(hooks.AttentionHook):
             raise UserError("knockout cannot be combined with himap.apply pruning on the same model")
         all_layers = decoder_layers(model)
         n = len(all_layers)
-        self.layers = sorted({int(i) for i in (range(n) if layers is None else layers)})
+        self.layers = list(range(n)) if layers is None else layer_list(layers)
         bad = [i for i in self.layers if not 0 <= i < n]
         if bad:
             raise UserError(f"layers {bad} out of range: the model has {n} decoder layers (0..{n - 1})")
@@ -122,6 +124,21 @@ class Knockout(hooks.AttentionHook):
         block = (rows[:, :, None] & cols[:, None, :])[:, None].to(query.device)
         self._memo[(q_len, k_len, total)] = block
         return block
+
+
+def layer_list(layers) -> list[int]:
+    """Sorted distinct decoder-layer indices from an iterable of integers (a range, a list)."""
+    if isinstance(layers, (int, str)) or not hasattr(layers, "__iter__"):
+        raise UserError(f"layers must be decoder-layer indices such as [3] or range(2, 6), got {layers!r}")
+    out = set()
+    for i in layers:
+        try:
+            if isinstance(i, bool):
+                raise TypeError
+            out.add(operator.index(i))
+        except TypeError:
+            raise UserError(f"layers must be integers, got {i!r}") from None
+    return sorted(out)        # empty: nothing is blocked, the stock model
 
 
 def _check_rows_keep_a_key(flow: str, codes: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -15,6 +15,7 @@ outlives its backward step. Parameters get no gradients (they are frozen for the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,21 @@ def _last_positions(attention_mask: torch.Tensor | None, batch: int, length: int
     return (length - 1) - real.flip(1).long().argmax(1)    # last real token, for left or right padding
 
 
+def _labels(label_ids, model: nn.Module) -> torch.Tensor:
+    """(B,) the gold next-token ids, checked against the output vocabulary."""
+    try:
+        labels = torch.as_tensor(label_ids).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        labels = None
+    if labels is None or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise UserError(f"label_ids must be token ids (an int or one int per sample), got {label_ids!r}")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    bad = labels[(labels < 0) | (labels >= vocab)]
+    if bad.numel():
+        raise UserError(f"label id {int(bad[0])} is outside the model's vocabulary (0..{vocab - 1})")
+    return labels.long()
+
+
 def saliency(model: nn.Module, inputs: dict, label_ids, form: str = "attn_grad") -> Saliency:
     """Group saliency of every decoder layer for a batch with gold next tokens ``label_ids`` (int or (B,)).
 
@@ -112,11 +128,14 @@ def saliency(model: nn.Module, inputs: dict, label_ids, form: str = "attn_grad")
     if is_pruned(model):     # pruning shortens the sequence the group matrices are built for
         raise UserError("saliency cannot run on a model pruned with himap.apply; remove the pruner first")
     layers = decoder_layers(model)
+    if not isinstance(inputs, Mapping):
+        raise UserError(f"inputs must be the processor's output (a dict with input_ids, pixel values, ...), got "
+                        f"{type(inputs).__name__}")
     input_ids = inputs.get("input_ids")
     if input_ids is None:
         raise UserError("saliency needs input_ids in inputs to find the token groups")
     batch, length = input_ids.shape
-    labels = torch.as_tensor(label_ids, dtype=torch.long).reshape(-1)
+    labels = _labels(label_ids, model)
     if labels.numel() != batch:
         raise UserError(f"label_ids holds {labels.numel()} labels for a batch of {batch}")
     codes = group_codes(input_ids, visual_token_ids(model), inputs.get("attention_mask"))
