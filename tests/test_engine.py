@@ -197,3 +197,29 @@ def test_several_images_are_pooled(make_model):
     assert out.shape[1] == ids.shape[1] - 72 + 10
     ref = reference_logits(model, ids, pixels, policy, kept)
     torch.testing.assert_close(out[:, -1], ref[:, -1], atol=1e-5, rtol=0)
+
+
+def test_layers_called_with_hidden_states_by_keyword(make_model):
+    """A decoder that passes the hidden states to its layers by keyword gets the same pruning."""
+    model = make_model()
+    inputs = make_inputs(model, seed=2)
+    policy = himap.HiMAP(k1=2, r1=18, k2=4, r2=6)
+    with himap.apply(model, policy):
+        positional = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True)
+
+    def by_keyword(module, args, kwargs):
+        return (), {"hidden_states": args[0], **kwargs} if args else kwargs
+
+    handles = [layer.register_forward_pre_hook(by_keyword, with_kwargs=True) for layer in decoder_layers(model)]
+    try:
+        with himap.apply(model, policy):
+            keyword = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                                     return_dict_in_generate=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(keyword.sequences, positional.sequences)
+    for a, b in zip(keyword.logits, positional.logits):
+        assert torch.equal(a, b)
+

@@ -142,6 +142,7 @@ class Pruner:
             *([inputs_module(model).register_forward_pre_hook(_need_positions, with_kwargs=True)] if first == 0
               else []),                             # before the episode hook: a refused step changes nothing
             on_model_inputs(model, self._on_inputs),
+            # pre-hooks, not forward wrappers: a hook a user adds to a layer afterwards sees what the layer runs on
             *(layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True)
               for i in range(first, len(layers))),
         ]
@@ -284,30 +285,31 @@ class Pruner:
             ep = self._episode
             if ep is None:
                 return None
+            if not args:               # the hidden states by keyword: positional from here on
+                args = (kwargs.pop("hidden_states"),)
             ep.current = s + 1
             if ep.prefill and layer_idx == stage.layer:
                 if len(ep.seqs) == s + 1 and stage.query == "random":
                     with _range("himap.score"):
                         self.resolve(stage, None)
                 elif len(ep.seqs) == s + 1 and stage.inside:
-                    self._score_inside(module, s, args, kwargs)
+                    self._score_inside(module, s, args[0], kwargs)
                 elif len(ep.seqs) == s + 1 and stage.query == "hidden":
-                    self._select(stage, args, kwargs)
+                    self._select(stage, args[0])
                 restrict.cache_layer(kwargs, layer_idx)
                 with _range("himap.gather"):
-                    args = self._gather_hidden(ep.seqs[s + 1].local, args, kwargs)
+                    args = (self._gather_hidden(ep.seqs[s + 1].local, args[0]), *args[1:])
                     kwargs.update(self._restricted(ep, s + 1, layer_idx, args, kwargs))
             else:
                 kwargs.update(self._restricted(ep, s + 1, layer_idx, args, kwargs))
             return args, kwargs
         return hook
 
-    def _score_inside(self, layer: nn.Module, s: int, args: tuple, kwargs: dict) -> None:
+    def _score_inside(self, layer: nn.Module, s: int, hidden: torch.Tensor, kwargs: dict) -> None:
         """Rank for stage ``s`` with the layer's own attention over the sequence entering it: its input norm and
         attention run once more on the unpruned hidden states, without the cache, for the stage's scorer to read
         the query/key states; the attention output is discarded."""
-        ep = self._episode
-        hidden = args[0] if args else kwargs["hidden_states"]                   # (B, M, d) of sequence s
+        ep = self._episode                               # hidden: (B, M, d) of sequence s
         attn_kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "cache")}
         ep.current = s
         if s:
@@ -315,13 +317,12 @@ class Pruner:
         layer.self_attn(hidden_states=layer.input_layernorm(hidden), **attn_kwargs)   # no cache: not stored
         ep.current = s + 1
 
-    def _select(self, stage: Stage, args: tuple, kwargs: dict) -> None:
+    def _select(self, stage: Stage, hidden: torch.Tensor) -> None:
         """Resolve a stage whose rule reads the hidden states entering its layer (:mod:`himap.selection`)."""
         from .selection import SelectInputs
 
         ep = self._episode
-        seq = ep.seqs[-1]
-        hidden = args[0] if args else kwargs["hidden_states"]                   # (B, M, d)
+        seq = ep.seqs[-1]                                # hidden: (B, M, d)
         inputs = SelectInputs(hidden, language_model(self.model).norm, ep.keys, seq.is_img, seq.codes == TXT)
         with _range("himap.score"):
             merger = self._mergers.get(stage)
@@ -333,11 +334,10 @@ class Pruner:
                 ep.merged = merged.hidden
         ep.keys = None
 
-    def _gather_hidden(self, local: torch.Tensor, args: tuple, kwargs: dict) -> tuple:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
+    def _gather_hidden(self, local: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         if self._episode.merged is not None:                                # a merge stage's features
             hidden, self._episode.merged = self._episode.merged, None
-        return (restrict.take(hidden, 1, local), *args[1:])
+        return restrict.take(hidden, 1, local)
 
     def _restricted(self, ep: _Episode, s: int, layer_idx: int, args: tuple, kwargs: dict) -> dict:
         """The layer's mask / RoPE tables / position ids for sequence ``s`` (each computed once per forward)."""
