@@ -151,6 +151,22 @@ def test_budget_command_prints_eval_flags_and_defaults_to_the_paper_setting(caps
     assert "no budget rule for method 'prune'" in capsys.readouterr().err
 
 
+def test_methods_the_family_does_not_define_are_listed_not_solved(capsys):
+    """VisionZip runs on LLaVA-1.5 only: on a Qwen2.5-VL preset ``himap budget`` lists it apart (a method named
+    explicitly is one error), and ``himap flops`` refuses it, as ``himap eval`` would."""
+    assert main(["budget", "--model-path", "qwen2.5-vl-7b", "--tokens", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "not supported on this model: visionzip: VisionZip needs" in out
+    assert not [line for line in out.splitlines() if line.startswith("visionzip ")]
+    assert [line.split()[0] for line in out.splitlines() if line.startswith("pool ")] == ["pool"]
+    for argv in (["budget", "--model-path", "qwen2.5-vl-7b", "--tokens", "64", "--methods", "visionzip"],
+                 ["budget", "--model-path", "qwen2.5-vl-7b", "--eval-flags", "visionzip"],
+                 ["flops", "--model", "qwen2.5-vl-7b", "--policy", "visionzip"]):
+        assert main(argv) == 2
+        assert "not supported on Qwen2.5-VL" in capsys.readouterr().err
+    assert main(["flops", "--model", "llava-1.5-7b", "--policy", "visionzip"]) == 0
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_meets_the_fields_budgets_and_prices_like_himap_flops(method, capsys):
     """LLaVA-1.5-7B at the field's 64 / 128 / 192 tokens: within one token (DART, pooling: half their step) where

@@ -226,11 +226,13 @@ def image_tokens_for(config) -> int | None:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the FLOPs need of a model: its decoder config and the image tokens per image (None: variable)."""
+    """What the FLOPs need of a model: its decoder config and the image tokens per image (None: variable), with the
+    whole model config where there is one (for the family checks of methods that run before the decoder)."""
 
     text_config: object
     image_tokens: int | None
     image_note: str
+    config: object | None = None
 
 
 def read_model_config(spec: str | Path) -> ModelShape:
@@ -239,7 +241,8 @@ def read_model_config(spec: str | Path) -> ModelShape:
     name, e.g. ``...-patch14-336`` -> 576), or a plain language-model config (image tokens unknown)."""
     if str(spec) in PRESETS:
         p = PRESETS[str(spec)]
-        return ModelShape(preset_config(p.name).text_config, p.image_tokens, p.image_note)
+        config = preset_config(p.name)
+        return ModelShape(config.text_config, p.image_tokens, p.image_note, config)
     path = Path(spec)
     path = path / "config.json" if path.is_dir() else path
     if not path.is_file():
@@ -267,4 +270,5 @@ def read_model_config(spec: str | Path) -> ModelShape:
     if missing:
         raise UserError(f"{path} is not a decoder config: lacks {', '.join(missing)}")
     n_img = image_tokens_for(config)
-    return ModelShape(text, n_img, "fixed by the config" if n_img is not None else "varies per image")
+    return ModelShape(text, n_img, "fixed by the config" if n_img is not None else "varies per image",
+                      config if text is not config else None)

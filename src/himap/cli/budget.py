@@ -44,7 +44,16 @@ def _shape(model_path: str | None):
     if shape.image_tokens is None:
         raise UserError(f"{model_path}: the image-token count varies per image ({shape.image_note}); "
                         "a budget needs a fixed count")
-    return shape.text_config, shape.image_tokens
+    return shape
+
+
+def _check_family(method: str, shape, n_layers: int) -> None:
+    """One error line if ``method`` is not defined on the model's family (known for a whole model config)."""
+    if shape.config is not None:
+        from ..merging import check_model
+        from ..policies import from_params
+
+        check_model(from_params(method, n_layers=n_layers), shape.config)
 
 
 def _value(v) -> str:
@@ -73,15 +82,24 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
     from ..policies import from_params
 
-    text, n_img = _shape(args.model_path)
+    shape = _shape(args.model_path)
+    text, n_img = shape.text_config, shape.image_tokens
     n_layers = text.num_hidden_layers
     target = {"flops": args.flops} if args.flops is not None else {
         "tokens": args.tokens if args.tokens is not None else
         average_tokens(from_params("himap", n_layers=n_layers, n_img=n_img), n_layers, n_img)}
     only = args.eval_flags or args.model_args
     methods = [only] if only else args.methods or list(METHODS)
-    solved, unreachable = {}, []
+    solved, unreachable, unsupported = {}, [], []
     for method in methods:
+        try:
+            if method in METHODS:                     # else solve() names the methods that have a rule
+                _check_family(method, shape, n_layers)
+        except UserError as err:
+            if only or args.methods:                  # a method asked for by name must run on the model
+                raise
+            unsupported.append(f"{method}: {err}")
+            continue
         try:
             solved[method] = solve(method, n_layers=n_layers, n_img=n_img, text_config=text, n_text=args.text_tokens,
                                    **target)
@@ -90,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
                 raise
             unreachable.append(str(err))
     if not solved:
-        raise UserError("; ".join(unreachable))
+        raise UserError("; ".join(unreachable + unsupported))
     if only:
         policy = solved[only].policy
         print(" ".join(eval_flags(policy)) if args.eval_flags else model_args(policy))
@@ -106,4 +124,6 @@ def run(args: argparse.Namespace) -> int:
               f"{m.flops_kept:>10.1%}")
     for line in unreachable:
         print(f"not solved: {line}")
+    for line in unsupported:
+        print(f"not supported on this model: {line}")
     return 0

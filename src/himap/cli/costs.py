@@ -53,6 +53,10 @@ def _inputs(args: argparse.Namespace):
     if n_img < 1 or min(args.system_tokens, *args.text_tokens) < 0:
         raise UserError("--image-tokens must be >= 1 and --system-tokens / --text-tokens >= 0")
     policy = from_params(args.policy, params, n_layers=shape.text_config.num_hidden_layers, n_img=n_img)
+    if shape.config is not None:
+        from ..merging import check_model
+
+        check_model(policy, shape.config)         # a method the family does not define has no FLOPs to report
     return shape, n_img, policy
 
 
