@@ -33,81 +33,19 @@ visual tokens runs unpruned.
 from __future__ import annotations
 
 import contextlib
-import functools
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.profiler import record_function
 
 from . import hooks, restrict
+from .episode import Episode, Layout, Seq, kept_positions, prompt_positions
 from .errors import UserError
 from .merging import MergeStage
 from .models import decoder_layers, follow_kept_slots, inputs_module, language_model, visual_token_ids
 from .policies import POLICIES, Policy, Stage, check, random_kept
-from .spans import PAD, TXT, group_codes, on_model_inputs, visual_mask
-
-
-@dataclass
-class _Layout:
-    """Host-side facts of one prefill (read with its one host sync)."""
-
-    length: int                    # N, the prompt length (padding included)
-    n_img: list[int]               # visual tokens per sample
-    first_img: list[int]           # position of the first visual token (0 without any)
-    tail: list[int]                # positions after the last visual token
-    from_end: list[int]            # N - position of the last real token
-    padded: bool                   # some position is padding
-
-
-@dataclass
-class _Seq:
-    """The sequence one stage leaves: ``M`` slots per sample, fillers first where samples differ."""
-
-    index: torch.Tensor            # (B, M) original positions of the slots
-    local: torch.Tensor | None     # (B, M) positions in the previous sequence (None for the prompt)
-    is_img: torch.Tensor           # (B, M) the visual slots
-    valid: torch.Tensor | None     # (B, M) False for filler slots; None when there are none
-    counts: list[int]              # visual tokens left per sample
-    fillers: list[int]             # filler slots per sample
-    parent: _Seq | None = None   # the sequence this one was gathered from
-    groups: Callable[[], torch.Tensor] | None = None   # the prompt's group codes, computed when first needed
-    memo: dict = field(default_factory=dict)   # (name, id(stock)) -> (stock, restricted)
-    _codes: torch.Tensor | None = None
-
-    @property
-    def width(self) -> int:
-        return self.index.shape[1]
-
-    @property
-    def codes(self) -> torch.Tensor:
-        """(B, M) token group of every slot (PAD for fillers); only some row weights need them."""
-        if self._codes is None:
-            if self.parent is None:
-                self._codes = self.groups()
-            else:
-                codes = self.parent.codes.gather(1, self.local)
-                self._codes = codes if self.valid is None else codes.masked_fill(~self.valid, PAD)
-        return self._codes
-
-
-@dataclass
-class _Episode:
-    """What one prefill decided, reused by the decode steps that follow it."""
-
-    layout: _Layout
-    seqs: list[_Seq]               # [the prompt, stage 1's sequence, ...]
-    total: int                     # positions seen so far (prompt + decoded)
-    sdpa: bool                     # the layers' attention takes bool masks (else additive float masks)
-    prefill: bool = True
-    current: int = 0               # the sequence the running layer works on (index into seqs)
-    attention_mask: torch.Tensor | None = None   # (B, total) the 2-D padding mask of the current forward
-    step_memo: dict = field(default_factory=dict)
-    kept: tuple | None = None
-    keys: torch.Tensor | None = None   # (B, H_kv, M, D) keys a selection stage reads, from the layer before it
-    merged: torch.Tensor | None = None   # (B, M, d) hidden states a merge stage rewrote, gathered in their place
+from .spans import TXT, group_codes, on_model_inputs, visual_mask
 
 
 class Pruner:
@@ -124,7 +62,7 @@ class Pruner:
         self._n_layers, self._text_config = len(layers), language_model(model).config
         check(policy, self._n_layers)
         self.visual_ids = visual_token_ids(model)
-        self._episode: _Episode | None = None
+        self._episode: Episode | None = None
         # merge rules bound to the model: refused here, before any hook is installed
         self._mergers = {s: s.merger(model) for s in self.stages if isinstance(s, MergeStage)}
         self._checked: set[int] = set()            # visual-token counts the policy was checked against
@@ -183,7 +121,7 @@ class Pruner:
         if ep is None:
             return ()
         if ep.kept is None and len(ep.seqs) == len(self.stages) + 1:
-            ep.kept = tuple(_kept_positions(seq) for seq in ep.seqs[1:])
+            ep.kept = tuple(kept_positions(seq) for seq in ep.seqs[1:])
         return ep.kept or ()
 
     # -- 1. episodes -----------------------------------------------------------------------------------------
@@ -195,7 +133,7 @@ class Pruner:
             ep.prefill, ep.attention_mask, ep.step_memo = False, attention_mask, {}
             ep.total += input_ids.shape[1]
 
-    def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _Episode | None:
+    def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Episode | None:
         is_img = visual_mask(input_ids, self.visual_ids, attention_mask)              # (B, N)
         batch, n = is_img.shape
         seen = is_img.cumsum(1)                                                      # visual tokens up to t
@@ -213,12 +151,12 @@ class Pruner:
                 check(self.policy, self._n_layers, count)
             self._checked.add(count)
         n_real, last_real = real or ([n] * batch, [n - 1] * batch)
-        layout = _Layout(n, n_img, first, [n - 1 - p for p in last_img], [n - r for r in last_real],
+        layout = Layout(n, n_img, first, [n - 1 - p for p in last_img], [n - r for r in last_real],
                          padded=min(n_real) < n)
-        prompt = _Seq(_positions(batch, n, is_img.device), None, is_img, None, n_img, [0] * batch,
+        prompt = Seq(prompt_positions(batch, n, is_img.device), None, is_img, None, n_img, [0] * batch,
                       groups=lambda: group_codes(input_ids, self.visual_ids, attention_mask))
         sdpa = hooks.inner_implementation(self._text_config) == "sdpa"
-        return _Episode(layout, [prompt], total=n, sdpa=sdpa, attention_mask=attention_mask)
+        return Episode(layout, [prompt], total=n, sdpa=sdpa, attention_mask=attention_mask)
 
     # -- 2. choosing the kept tokens -------------------------------------------------------------------------
     def rows(self, stage: Stage) -> tuple[int, int, torch.Tensor | None]:
@@ -274,7 +212,7 @@ class Pruner:
         if min(sizes) != width:
             valid = keep.gather(1, local)
             is_img &= valid
-        ep.seqs.append(_Seq(index, local, is_img, valid, counts, [width - s for s in sizes], parent=prev))
+        ep.seqs.append(Seq(index, local, is_img, valid, counts, [width - s for s in sizes], parent=prev))
 
     # -- 3. running the pruned layers ------------------------------------------------------------------------
     def _layer_hook(self, layer_idx: int):
@@ -339,7 +277,7 @@ class Pruner:
             hidden, self._episode.merged = self._episode.merged, None
         return restrict.take(hidden, 1, local)
 
-    def _restricted(self, ep: _Episode, s: int, layer_idx: int, args: tuple, kwargs: dict) -> dict:
+    def _restricted(self, ep: Episode, s: int, layer_idx: int, args: tuple, kwargs: dict) -> dict:
         """The layer's mask / RoPE tables / position ids for sequence ``s`` (each computed once per forward)."""
         seq = ep.seqs[s]
         if not ep.prefill:
@@ -371,19 +309,6 @@ def _range(name: str):
     """A named profiler range around the engine's own work (``himap.score``, ``himap.gather``) while a profiler
     runs; nothing otherwise (opening a range costs several microseconds even with no profiler listening)."""
     return record_function(name) if torch._C._autograd._profiler_enabled() else contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=8)
-def _positions(batch: int, n: int, device: torch.device) -> torch.Tensor:
-    """(B, N) positions 0..N-1 of a prompt, cached per shape (read only: every later index is gathered anew)."""
-    return torch.arange(n, device=device).expand(batch, n)
-
-
-def _kept_positions(seq: _Seq):
-    """(B, r) original positions of the visual slots, or a list of (r_b,) when the counts differ."""
-    if len(set(seq.counts)) == 1:
-        return seq.index[seq.is_img].view(len(seq.counts), seq.counts[0])
-    return [seq.index[b][seq.is_img[b]] for b in range(len(seq.counts))]
 
 
 def _random_votes(is_img: torch.Tensor, present: list[int], counts: list[int], seed: int) -> torch.Tensor:
