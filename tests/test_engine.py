@@ -223,3 +223,28 @@ def test_layers_called_with_hidden_states_by_keyword(make_model):
     for a, b in zip(keyword.logits, positional.logits):
         assert torch.equal(a, b)
 
+
+
+def test_a_refusal_midway_through_apply_leaves_the_stock_model(make_model, monkeypatch):
+    from himap import engine, hooks
+    from himap.errors import UserError
+
+    model = make_model()
+    inputs = make_inputs(model)
+    stock = logits(model, inputs)
+
+    def refuse(*args, **kwargs):
+        raise UserError("refused late")
+
+    monkeypatch.setattr(engine, "follow_kept_slots", refuse)        # the last step of installing
+    with pytest.raises(ValueError, match="refused late"):
+        himap.apply(model, himap.HiMAP(k1=2, r1=18, k2=4, r2=6))
+    monkeypatch.undo()
+    layers = decoder_layers(model)
+    assert not himap.is_pruned(model) and not hooks.hooked(layers)
+    assert not any(layer._forward_pre_hooks for layer in layers)
+    assert all(layer.self_attn.config is model.model.language_model.config for layer in layers)
+    assert torch.equal(logits(model, inputs), stock)
+    with himap.apply(model, himap.FastV(k=2, r=9)) as handle:       # and it can be applied afresh
+        logits(model, inputs)
+        assert handle.kept[0].shape == (1, 9)

@@ -154,3 +154,20 @@ def test_bad_input(make_model):
         model(inputs_embeds=model.get_input_embeddings()(inputs["input_ids"]))
     assert model.config.text_config._attn_implementation == "sdpa"
     assert torch.equal(model(**inputs).logits, stock)
+
+
+def test_a_refused_knockout_leaves_nothing_behind(make_model):
+    from himap.models import inputs_module
+
+    model = make_model()
+    inputs = make_inputs(model)
+    config = model.model.language_model.config
+    config._attn_implementation = "flash_attention_2"
+    try:
+        with pytest.raises(ValueError, match="cannot hook attention implementation 'flash_attention_2'"):
+            himap.knockout(model, "img2txt", layers=[2])
+    finally:
+        config._attn_implementation = "sdpa"
+    assert not inputs_module(model)._forward_pre_hooks
+    text_only = {"input_ids": inputs["input_ids"][:, :5]}      # a leftover knockout hook would refuse it
+    assert model(**text_only).logits.shape[1] == 5

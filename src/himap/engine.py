@@ -56,8 +56,8 @@ class Pruner:
     def __init__(self, model: nn.Module, policy: Policy):
         layers = decoder_layers(model)
         if hooks.hooked(layers):      # a knockout's groups are the full prompt's; pruning shortens the sequence
-            raise UserError("himap.apply cannot be combined with an active knockout on the same model; remove the "
-                            "knockout first")
+            raise UserError("himap.apply cannot be combined with an active knockout (or other himap attention "
+                            "hooks) on the same model; remove it first")
         self.model, self.policy, self.stages = model, policy, policy.stages
         self._n_layers, self._text_config = len(layers), language_model(model).config
         check(policy, self._n_layers)
@@ -74,19 +74,27 @@ class Pruner:
         for i, s in enumerate(self.stages):
             if s.query != "random" and getattr(s, "reads_keys", True):
                 scorers.setdefault(s.layer if s.inside else s.layer - 1, []).append(_Scorer(self, i))
-        self._handles = [
-            hooks.attach(layers, scorers),          # first: it refuses attention it cannot hook
-            *(merger.install() for merger in self._mergers.values()),
-            *([inputs_module(model).register_forward_pre_hook(_need_positions, with_kwargs=True)] if first == 0
-              else []),                             # before the episode hook: a refused step changes nothing
-            on_model_inputs(model, self._on_inputs),
-            # pre-hooks, not forward wrappers: a hook a user adds to a layer afterwards sees what the layer runs on
-            *(layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True)
-              for i in range(first, len(layers))),
-        ]
+        self._handles = []
+        try:                                        # all or nothing: a refusal midway leaves the stock model
+            self._install(model, layers, scorers, first)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _install(self, model: nn.Module, layers: nn.ModuleList, scorers: dict, first: int) -> None:
+        add = self._handles.append
+        add(hooks.attach(layers, scorers))          # first: it refuses attention it cannot hook
+        for merger in self._mergers.values():
+            add(merger.install())
+        if first == 0:                              # before the episode hook: a refused step changes nothing
+            add(inputs_module(model).register_forward_pre_hook(_need_positions, with_kwargs=True))
+        add(on_model_inputs(model, self._on_inputs))
+        # pre-hooks, not forward wrappers: a hook a user adds to a layer afterwards sees what the layer runs on
+        for i in range(first, len(layers)):
+            add(layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
         patch = follow_kept_slots(model, self._running_slots, self._merged_deepstack if self._mergers else None)
         if patch is not None:
-            self._handles.append(patch)
+            add(patch)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def remove(self) -> None:

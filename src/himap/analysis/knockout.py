@@ -76,8 +76,9 @@ class Knockout(hooks.AttentionHook):
         self._src_cols = self._dst_rows = None     # (B, T) bool over the prompt positions
         self._total = 0
         self._memo: dict[tuple[int, int], torch.Tensor] = {}
-        self._handles = [on_model_inputs(model, self._on_inputs),
-                         hooks.attach(all_layers, {i: [self] for i in self.layers})]
+        # attach first: it refuses attention it cannot hook before anything is installed
+        self._handles = [hooks.attach(all_layers, {i: [self] for i in self.layers})]
+        self._handles.append(on_model_inputs(model, self._on_inputs))
 
     def remove(self) -> None:
         for handle in self._handles:
